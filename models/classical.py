@@ -1,0 +1,66 @@
+"""Classical compressors: C(X) = 8 × compressed bytes, C(Y|X) = C(X·Y) − C(X).
+
+Header convention: a length counts the complete output of the standard container, headers and
+checksums included (gzip: 10-byte header with mtime 0 + 8-byte trailer; zlib: 2 + 4; bz2: 4-byte
+header + 10-byte stream end; xz: 12-byte header + index + footer; zstd: frame header, no checksum).
+The constant overhead cancels in C(X·Y) − C(X) but not in NCD: it is the reason NCD(x, x) > 0 for
+short texts (ANCHORS.md pitfall 3), and the same convention is used for every pair.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import hashlib
+import lzma
+import zlib
+from collections.abc import Callable, Sequence
+
+import zstandard
+
+from models.protocol import ModelInfo, Segment, SegmentBits, Symbols, TokenizationError
+
+_ZSTD = zstandard.ZstdCompressor(level=19, write_checksum=False)
+
+CODECS: dict[str, tuple[Callable[[bytes], bytes], str]] = {
+    "gzip": (lambda b: gzip.compress(b, compresslevel=9, mtime=0), "gzip level 9, mtime 0, header and trailer counted"),
+    "zlib": (lambda b: zlib.compress(b, 9), "zlib level 9, 2-byte header and adler32 counted"),
+    "bz2": (lambda b: bz2.compress(b, 9), "bz2 level 9, stream header counted"),
+    "lzma": (lambda b: lzma.compress(b, preset=9), "xz container, preset 9, CRC64, headers counted"),
+    "zstd": (_ZSTD.compress, "zstd level 19, frame header counted, no checksum"),
+}
+
+
+class ClassicalCompressor:
+    """A byte compressor behind the `Compressor` protocol. Symbols are the UTF-8 bytes."""
+
+    def __init__(self, codec_id: str) -> None:
+        compress, convention = CODECS[codec_id]
+        self._compress = compress
+        version = zstandard.__version__ if codec_id == "zstd" else "stdlib"
+        revision = hashlib.sha256(f"{codec_id}:{convention}:{version}".encode()).hexdigest()
+        self.info = ModelInfo(
+            id=codec_id,
+            kind="classical",
+            revision=revision,
+            context_tokens=None,
+            description=f"{codec_id} ({convention})",
+            convention="C = 8 x compressed bytes; C(Y|X) = C(X·Y) - C(X); " + convention,
+        )
+
+    def encode(self, text: str) -> Symbols:
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise TokenizationError(f"text is not valid Unicode at offset {exc.start}") from exc
+
+    def bits(self, data: bytes) -> float:
+        return 8.0 * len(self._compress(data)) if data else 0.0
+
+    def score(self, segments: Sequence[Segment]) -> list[SegmentBits]:
+        out = []
+        for seg in segments:
+            prefix, target = bytes(seg.prefix), bytes(seg.target)
+            prefix_bits = self.bits(prefix)
+            out.append(SegmentBits(prefix_bits, self.bits(prefix + target) - prefix_bits))
+        return out

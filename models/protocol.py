@@ -1,0 +1,104 @@
+"""The one interface every compressor implements.
+
+A compressor turns text into symbols (tokens for a language model, bytes for a classical
+compressor) and returns code lengths in bits for *segments*: a target sequence coded after an
+optional prefix. One segment gives both C(prefix) and C(target | prefix), which is all the
+service ever needs: C(X·Y) = C(X) + C(Y|X).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+Symbols = Sequence[int]  # token ids for an LM; a `bytes` object for a classical compressor
+
+
+class TokenizationError(ValueError):
+    """The tokenizer does not reproduce the text byte for byte, so no code length is defined."""
+
+
+@dataclass(frozen=True)
+class WindowPolicy:
+    """How inputs longer than the context are scored.
+
+    Window k covers token positions [k*stride, k*stride + context_tokens) of BOS + sequence;
+    window 0 scores all its tokens, window k >= 1 scores only the last `stride` of them. The windows
+    depend on positions alone, so every token is scored exactly once with at least
+    context_tokens - stride tokens before it, and C(X) alone equals the X part of C(X·Y).
+    """
+
+    context_tokens: int
+    stride: int
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "policy": "sliding",
+            "context_tokens": self.context_tokens,
+            "stride": self.stride,
+            "min_context_tokens": self.context_tokens - self.stride,
+        }
+
+    @property
+    def key(self) -> str:
+        return f"w{self.context_tokens}s{self.stride}"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    kind: Literal["lm", "classical"]
+    revision: str
+    context_tokens: int | None
+    window: WindowPolicy | None = None
+    description: str = ""
+    convention: str = ""
+
+    @property
+    def cache_namespace(self) -> str:
+        """Everything about the model that changes a code length, for cache keys."""
+        window = self.window.key if self.window else "nowin"
+        return f"{self.id}@{self.revision[:16]}:{window}"
+
+    def as_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {
+            "id": self.id,
+            "kind": self.kind,
+            "revision": self.revision,
+            "context_tokens": self.context_tokens,
+        }
+        if self.window is not None:
+            out["window"] = self.window.as_dict()
+        if self.description:
+            out["description"] = self.description
+        if self.convention:
+            out["convention"] = self.convention
+        return out
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Code `target` after `prefix`. An empty prefix means: code `target` from the start state."""
+
+    prefix: Symbols
+    target: Symbols
+
+
+@dataclass(frozen=True)
+class SegmentBits:
+    prefix_bits: float  # C(prefix) from the start state
+    target_bits: float  # C(target | prefix)
+
+
+@runtime_checkable
+class Compressor(Protocol):
+    info: ModelInfo
+
+    def encode(self, text: str) -> Symbols:
+        """Lossless symbols of `text`; raises TokenizationError if the round trip fails."""
+        ...
+
+    def score(self, segments: Sequence[Segment]) -> list[SegmentBits]:
+        """Code lengths in bits for each segment, in order. Batching is the compressor's choice."""
+        ...

@@ -1,0 +1,128 @@
+"""One pure-ASGI middleware in front of the app: API keys, rate limit, body limits, JSON that
+would crash a parser, and request metrics. It runs before routing, so a rejected request
+never reaches the queue."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from codelen.metrics import Metrics
+from codelen.settings import Settings
+from service.problems import problem_body
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+OPEN_PATHS = {"/healthz"}
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, burst
+        self._state: dict[str, tuple[float, float]] = {}
+
+    def take(self, key: str) -> float:
+        """0 if allowed, else seconds until a token is available."""
+        now = time.monotonic()
+        tokens, last = self._state.get(key, (float(self.burst), now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens >= 1:
+            self._state[key] = (tokens - 1, now)
+            return 0.0
+        self._state[key] = (tokens, now)
+        return (1 - tokens) / self.rate
+
+
+class Gatekeeper:
+    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
+        self.app, self.settings, self.metrics = app, settings, metrics
+        self.keys = settings.api_key_digests()
+        self.bucket = TokenBucket(settings.rate_limit_per_s, settings.rate_limit_burst) if settings.rate_limit_per_s > 0 else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status_holder = {"status": 500}
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+            await send(message)
+
+        try:
+            await self._handle(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            name = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(name, str(status_holder["status"])).inc()
+            self.metrics.latency.labels(name).observe(time.perf_counter() - started)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.keys and scope["path"] not in OPEN_PATHS:
+            auth = headers.get("authorization", "")
+            token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+            digest = hashlib.sha256(token.encode()).hexdigest() if token else ""
+            if digest not in self.keys:
+                detail = "a valid API key is required: send 'Authorization: Bearer <key>'"
+                return await _reply(send, 401, detail, {"www-authenticate": "Bearer"})
+            if self.bucket is not None:
+                wait = self.bucket.take(digest)
+                if wait > 0:
+                    retry = str(max(1, round(wait + 0.5)))
+                    return await _reply(send, 429, "rate limit for this API key exceeded", {"retry-after": retry})
+
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+
+        limit = self.settings.max_body_bytes
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await _reply(send, 413, f"request body of {declared} bytes; at most {limit}")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            if size > limit:
+                return await _reply(send, 413, f"request body over {limit} bytes")
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        raw = b"".join(chunks)
+        if raw and "json" in headers.get("content-type", "application/json"):
+            try:
+                json.loads(raw)
+            except RecursionError:
+                return await _reply(send, 422, "JSON nested too deeply")
+            except ValueError:
+                pass  # FastAPI reports malformed JSON as a 422 with its position
+
+        delivered = False
+
+        async def replay() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": raw, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _reply(send: Send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+    body = problem_body(status, detail)
+    raw_headers = [(b"content-type", b"application/problem+json"), (b"content-length", str(len(body)).encode())]
+    raw_headers += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,91 @@
+"""Every error is application/problem+json (RFC 9457): type, title, status, detail, and extras."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+log = logging.getLogger("codelen.service")
+
+TITLES = {
+    400: "Bad request",
+    401: "Unauthorized",
+    404: "Not found",
+    405: "Method not allowed",
+    409: "Conflict",
+    413: "Content too large",
+    415: "Unsupported media type",
+    422: "Unprocessable content",
+    429: "Too many requests",
+    500: "Internal server error",
+    503: "Service unavailable",
+}
+
+
+class Problem(Exception):
+    def __init__(self, status: int, detail: str, *, headers: dict[str, str] | None = None, **extra: object) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.headers, self.extra = status, detail, headers or {}, extra
+
+
+def problem_body(status: int, detail: str, **extra: object) -> bytes:
+    doc = {"type": "about:blank", "title": TITLES.get(status, "Error"), "status": status, "detail": detail, **extra}
+    return json.dumps(doc, default=str).encode()
+
+
+def problem_response(status: int, detail: str, headers: dict[str, str] | None = None, **extra: object) -> Response:
+    return Response(problem_body(status, detail, **extra), status, headers=headers, media_type="application/problem+json")
+
+
+def problem_schema(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI `responses` entries for the problems a route can answer."""
+    doc = {
+        "content": {
+            "application/problem+json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "type": {"type": "string"},
+                        "title": {"type": "string"},
+                        "status": {"type": "integer"},
+                        "detail": {"type": "string"},
+                    },
+                }
+            }
+        }
+    }
+    return {s: {"description": TITLES.get(s, "Error"), **doc} for s in statuses}
+
+
+def _validation_errors(exc: RequestValidationError) -> list[dict[str, object]]:
+    out = []
+    for e in exc.errors():
+        loc = [str(p) for p in e.get("loc", ())]
+        out.append({"pointer": "/" + "/".join(loc[1:] if loc and loc[0] == "body" else loc), "message": e.get("msg", "")})
+    return out[:20]
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(Problem)
+    async def _problem(_: Request, exc: Problem) -> Response:
+        return problem_response(exc.status, exc.detail, exc.headers, **exc.extra)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> Response:
+        errors = _validation_errors(exc)
+        detail = "; ".join(f"{e['pointer']}: {e['message']}" for e in errors[:3]) or "invalid request"
+        return problem_response(422, detail, errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+        return problem_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> Response:
+        log.exception("unhandled error")
+        return problem_response(500, f"internal error ({type(exc).__name__}); the request can be retried")

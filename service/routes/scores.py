@@ -1,0 +1,38 @@
+"""POST /v1/score: one pair, answered at once from the cache or after the work, else a job."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from codelen.scores import score_document
+from service.deps import backend_of, dataset, model_id, settings_of
+from service.problems import Problem, problem_schema
+from service.schemas import JobStatus, ScoreRequest, ScoreResponse
+from workers.embedded import TaskFailed
+from workers.jobs import Overloaded
+
+router = APIRouter(tags=["scores"])
+
+
+@router.post(
+    "/v1/score",
+    response_model=ScoreResponse,
+    responses={202: {"model": JobStatus, "description": "Not done within the wait: poll the job"}, **problem_schema(404, 413, 422, 429)},
+)
+async def score(body: ScoreRequest, request: Request) -> JSONResponse:
+    model = model_id(request, body.model)
+    x = dataset(request, body.x, "/x")
+    y = dataset(request, body.y, "/y")
+    backend = backend_of(request)
+    settings = settings_of(request)
+    try:
+        lengths, cached, job = await backend.score(model, x, y, settings.score_wait_s)
+    except Overloaded as exc:
+        raise Problem(429, f"overloaded: {exc}", headers={"Retry-After": str(settings.retry_after_s)}) from None
+    except TaskFailed as exc:
+        raise Problem(422, str(exc)) from None
+    if job is not None:
+        return JSONResponse(job, status_code=202, headers={"Location": f"/v1/jobs/{job['id']}"})
+    info = await backend.model_info(model)
+    return JSONResponse(score_document(info, x, y, lengths, cached))

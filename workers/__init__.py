@@ -1,0 +1,1 @@
+"""Workers: queue → batch → run → write. Embedded (in-process) and Redis stream consumers."""

@@ -1,0 +1,338 @@
+"""Embedded mode: an in-process queue, one worker and a bounded cache, so the service runs with
+no other program. The worker has the same stages as a Redis worker: read → batch → run → write.
+
+The event loop owns all state (no locks); model work runs in one worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+
+from codelen.datasets import Dataset
+from codelen.metrics import Metrics
+from codelen.scores import PairLengths
+from codelen.settings import Settings
+from models.protocol import Compressor, ModelInfo
+from models.registry import Registry
+from workers.compute import SymbolCache, Task, pair_tasks, run_tasks_isolating
+from workers.jobs import (
+    TERMINAL,
+    JobConflict,
+    JobSpec,
+    JobState,
+    Overloaded,
+    PairSpec,
+    matrix_document,
+    new_job_id,
+    pair_result,
+)
+
+JOB_WINDOW = 256  # pairs of one job in flight at once: bounds memory and lets cancel stop work
+
+
+class TaskFailed(ValueError):
+    """A code length could not be computed for this input (e.g. the tokenizer is lossy on it)."""
+
+
+class LRUCache:
+    def __init__(self, max_entries: int) -> None:
+        self._d: OrderedDict[str, float] = OrderedDict()
+        self._max = max_entries
+
+    def get(self, key: str) -> float | None:
+        v = self._d.get(key)
+        if v is not None:
+            self._d.move_to_end(key)
+        return v
+
+    def set(self, key: str, value: float) -> None:
+        self._d[key] = value
+        self._d.move_to_end(key)
+        while len(self._d) > self._max:
+            self._d.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+class Engine:
+    """Code lengths on demand: cache first, then the queue; concurrent askers share one run."""
+
+    def __init__(self, settings: Settings, registry: Registry, metrics: Metrics) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.metrics = metrics
+        self.cache = LRUCache(settings.cache_max_entries)
+        self._texts: dict[str, str] = {}
+        self._text_refs: dict[str, int] = {}
+        self._queue: asyncio.Queue[Task] = asyncio.Queue()
+        self._inflight: dict[Task, asyncio.Future[float]] = {}
+        self._symbols = SymbolCache()
+        self._worker: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._worker = asyncio.create_task(self._run(), name="codelen-embedded-worker")
+
+    async def stop(self) -> None:
+        if self._worker:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+
+    async def compressor(self, model_id: str) -> Compressor:
+        if self.registry.loaded(model_id):
+            return self.registry.get(model_id)
+        return await asyncio.to_thread(self.registry.get, model_id)
+
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    # -- asking -----------------------------------------------------------------------------
+
+    def lookup(self, info: ModelInfo, tasks: Iterable[Task]) -> dict[Task, float] | None:
+        """All values from the cache, or None if any is missing."""
+        out = {}
+        for t in tasks:
+            v = self.cache.get(t.key(info.cache_namespace))
+            if v is None:
+                self.metrics.cache.labels("miss").inc()
+                return None
+            out[t] = v
+        self.metrics.cache.labels("hit").inc(len(out))
+        return out
+
+    def request(self, info: ModelInfo, tasks: list[Task], texts: dict[str, str]) -> dict[Task, asyncio.Future[float]]:
+        """A future per task: done at once if cached, shared if already queued, else queued."""
+        ns = info.cache_namespace
+        missing = [t for t in tasks if self.cache.get(t.key(ns)) is None and t not in self._inflight]
+        if missing and self._queue.qsize() + len(missing) > self.settings.max_queue_items:
+            raise Overloaded(f"queue holds {self._queue.qsize()} tasks")
+        loop = asyncio.get_running_loop()
+        out: dict[Task, asyncio.Future[float]] = {}
+        for t in tasks:
+            v = self.cache.get(t.key(ns))
+            if v is not None:
+                fut = loop.create_future()
+                fut.set_result(v)
+            elif t in self._inflight:
+                fut = self._inflight[t]
+            else:
+                fut = loop.create_future()
+                self._inflight[t] = fut
+                for sha in t.shas():
+                    self._texts.setdefault(sha, texts[sha])
+                    self._text_refs[sha] = self._text_refs.get(sha, 0) + 1
+                self._queue.put_nowait(t)
+            out[t] = fut
+        self.metrics.queue_depth.set(self._queue.qsize())
+        return out
+
+    async def pair_lengths(self, info: ModelInfo, x: Dataset, y: Dataset) -> PairLengths:
+        tasks = pair_tasks(info.id, x.sha256, y.sha256)
+        futs = self.request(info, tasks, {x.sha256: x.text, y.sha256: y.text})
+        v = await asyncio.gather(*(asyncio.shield(futs[t]) for t in tasks))
+        return PairLengths(x=v[0], y=v[1], y_given_x=v[2], x_given_y=v[3])
+
+    # -- the worker: read → batch → run → write ---------------------------------------------
+
+    async def _run(self) -> None:
+        s = self.settings
+        while True:
+            first = await self._queue.get()
+            batch = [first]
+            deadline = time.monotonic() + s.batch_wait_ms / 1000
+            while len(batch) < s.batch_max_items:
+                timeout = deadline - time.monotonic()
+                if self._queue.empty() and timeout <= 0:
+                    break
+                try:
+                    batch.append(self._queue.get_nowait() if not self._queue.empty() else await asyncio.wait_for(self._queue.get(), timeout))
+                except TimeoutError:
+                    break
+            self.metrics.queue_depth.set(self._queue.qsize())
+            by_model: dict[str, list[Task]] = {}
+            for t in batch:
+                by_model.setdefault(t.model, []).append(t)
+            for model, tasks in by_model.items():
+                await self._run_batch(model, tasks)
+
+    async def _run_batch(self, model: str, tasks: list[Task]) -> None:
+        texts = {sha: self._texts[sha] for t in tasks for sha in t.shas()}
+        started = time.perf_counter()
+        try:
+            compressor = await self.compressor(model)
+            results, failed = await asyncio.to_thread(run_tasks_isolating, compressor, tasks, texts, self._symbols)
+            error: BaseException | None = None
+        except Exception as exc:  # a broken model fails the batch, not the worker
+            results, failed, error = {}, {}, exc
+        self.metrics.stage.labels("inference").observe(time.perf_counter() - started)
+        self.metrics.batch_size.observe(len(tasks))
+        for t in tasks:
+            fut = self._inflight.pop(t)
+            for sha in t.shas():
+                self._text_refs[sha] -= 1
+                if not self._text_refs[sha]:
+                    del self._text_refs[sha], self._texts[sha]
+            if error is not None:
+                self.metrics.task_failures.labels(model).inc()
+                fut.set_exception(RuntimeError(f"{model} failed: {type(error).__name__}: {error}"))
+            elif t in failed:
+                self.metrics.task_failures.labels(model).inc()
+                fut.set_exception(TaskFailed(failed[t]))
+            else:
+                key = t.key(compressor.info.cache_namespace)
+                self.cache.set(key, results[key])
+                self.metrics.tasks.labels(model).inc()
+                fut.set_result(results[key])
+            if fut.done() and fut.exception() is not None:
+                fut.exception()  # mark retrieved: nobody may be waiting any more
+
+
+class EmbeddedBackend:
+    """Jobs on top of the Engine. The service talks to this (or to the Redis backend)."""
+
+    mode = "embedded"
+
+    def __init__(self, settings: Settings, registry: Registry, metrics: Metrics) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.metrics = metrics
+        self.engine = Engine(settings, registry, metrics)
+        self._jobs: OrderedDict[str, JobState] = OrderedDict()
+        self._specs: dict[str, JobSpec] = {}
+        self._results: dict[str, list[dict | None]] = {}
+        self._runners: dict[str, asyncio.Task] = {}
+        self._idempotency: dict[str, tuple[str, str]] = {}
+
+    async def start(self) -> None:
+        await self.engine.start()
+
+    async def stop(self) -> None:
+        for runner in list(self._runners.values()):
+            runner.cancel()
+        await self.engine.stop()
+
+    async def ready(self) -> tuple[bool, str]:
+        pending = [m for m in self.settings.preload_ids() if not self.registry.loaded(m)]
+        return (not pending, f"loading {', '.join(pending)}" if pending else "ok")
+
+    async def model_info(self, model_id: str) -> ModelInfo:
+        return (await self.engine.compressor(model_id)).info
+
+    def queue_depth(self) -> int:
+        return self.engine.queue_depth()
+
+    async def score(self, model_id: str, x: Dataset, y: Dataset, wait_s: float) -> tuple[PairLengths | None, bool, dict | None]:
+        """(lengths, cached, None) if answered within wait_s, else (None, False, job)."""
+        info = await self.model_info(model_id)
+        cached = self.engine.lookup(info, pair_tasks(model_id, x.sha256, y.sha256))
+        if cached is not None:
+            v = list(cached.values())
+            return PairLengths(v[0], v[1], v[2], v[3]), True, None
+        work = asyncio.ensure_future(self.engine.pair_lengths(info, x, y))
+        try:
+            return await asyncio.wait_for(asyncio.shield(work), wait_s), False, None
+        except TimeoutError:
+            work.cancel()
+            job = await self.submit(JobSpec(model_id, [PairSpec("0", x, y)]), None)
+            return None, False, job
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    async def submit(self, spec: JobSpec, idempotency_key: str | None) -> dict[str, object]:
+        if idempotency_key:
+            digest = hashlib.sha256(idempotency_key.encode()).hexdigest()
+            if digest in self._idempotency:
+                job_id, fingerprint = self._idempotency[digest]
+                if fingerprint != spec.fingerprint:
+                    raise JobConflict("this Idempotency-Key was used with a different request body")
+                if job_id in self._jobs:
+                    return self._jobs[job_id].public()
+        if self.engine.queue_depth() >= self.settings.max_queue_items:
+            raise Overloaded(f"queue holds {self.engine.queue_depth()} tasks")
+        info = await self.model_info(spec.model)
+        kind = "matrix" if spec.matrix_ids else "pairs"
+        job = JobState(new_job_id(), spec.model, kind, len(spec.pairs), matrix_ids=spec.matrix_ids)
+        self._jobs[job.id] = job
+        self._specs[job.id] = spec
+        self._results[job.id] = [None] * len(spec.pairs)
+        if idempotency_key:
+            self._idempotency[digest] = (job.id, spec.fingerprint)
+        self._runners[job.id] = asyncio.create_task(self._run_job(job, spec, info))
+        self._forget_old_jobs()
+        return job.public()
+
+    def _forget_old_jobs(self) -> None:
+        now = time.time()
+        for job_id, job in list(self._jobs.items()):
+            expired = job.finished_at is not None and now - job.finished_at > self.settings.job_ttl_s
+            if expired or (len(self._jobs) > self.settings.max_jobs and job.status in TERMINAL):
+                del self._jobs[job_id]
+                self._results.pop(job_id, None)
+                self._specs.pop(job_id, None)
+
+    async def _run_job(self, job: JobState, spec: JobSpec, info: ModelInfo) -> None:
+        job.status = "running"
+        results = self._results[job.id]
+        pending: set[asyncio.Future] = set()
+        index: dict[asyncio.Future, int] = {}
+        try:
+            next_pair = 0
+            while next_pair < len(spec.pairs) or pending:
+                while next_pair < len(spec.pairs) and len(pending) < JOB_WINDOW:
+                    p = spec.pairs[next_pair]
+                    fut = asyncio.ensure_future(self.engine.pair_lengths(info, p.x, p.y))
+                    index[fut] = next_pair
+                    pending.add(fut)
+                    next_pair += 1
+                finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for fut in finished:
+                    i = index.pop(fut)
+                    exc = fut.exception()
+                    if exc is not None:
+                        raise TaskFailed(f"pair {spec.pairs[i].id!r}: {exc}")
+                    results[i] = pair_result(info, spec.pairs[i], fut.result())
+                    job.done += 1
+            job.status = "succeeded"
+        except asyncio.CancelledError:
+            job.status = "cancelled"
+        except Exception as exc:
+            job.status, job.error = "failed", str(exc)
+        finally:
+            for fut in pending:
+                fut.cancel()
+            job.finished_at = time.time()
+            self.metrics.jobs.labels(job.status).inc()
+            self._runners.pop(job.id, None)
+            self._specs.pop(job.id, None)  # the texts are no longer needed
+
+    async def job(self, job_id: str) -> dict[str, object] | None:
+        job = self._jobs.get(job_id)
+        return job.public() if job else None
+
+    async def results(self, job_id: str) -> tuple[dict[str, object], list[dict], dict | None] | None:
+        """(job, finished results in pair order, matrix document or None)."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            return None
+        done = [r for r in self._results.get(job_id, []) if r is not None]
+        matrix = None
+        if job.matrix_ids and job.status == "succeeded":
+            matrix = matrix_document(job.matrix_ids, done)
+        return job.public(), done, matrix
+
+    async def cancel(self, job_id: str) -> dict[str, object] | None:
+        job = self._jobs.get(job_id)
+        if job is None:
+            return None
+        runner = self._runners.get(job_id)
+        if runner is not None:
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+        return job.public()

@@ -1,0 +1,99 @@
+"""Job descriptions and result documents, shared by the embedded and the Redis backends."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from codelen.datasets import Dataset
+from codelen.scores import PairLengths, score_document
+from models.protocol import ModelInfo
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class JobConflict(ValueError):
+    """An Idempotency-Key reused with a different request body."""
+
+
+class Overloaded(RuntimeError):
+    """The queue is past its configured depth; the client should retry later."""
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    id: str
+    x: Dataset
+    y: Dataset
+
+
+@dataclass
+class JobSpec:
+    model: str
+    pairs: list[PairSpec]
+    matrix_ids: list[str] | None = None  # set for a matrix job: pairs are (i, j), i <= j
+    fingerprint: str = ""  # hash of the request body, for Idempotency-Key reuse checks
+
+
+def new_job_id() -> str:
+    return "job_" + uuid.uuid4().hex
+
+
+def matrix_pairs(ids: list[str], datasets: list[Dataset]) -> list[PairSpec]:
+    """Every unordered pair i <= j (the diagonal too: NCD(x, x) is not 0 with a real compressor),
+    ordered by row so that one X meets all its Y in neighbouring batches."""
+    return [
+        PairSpec(f"{ids[i]}|{ids[j]}", datasets[i], datasets[j])
+        for i in range(len(ids))
+        for j in range(i, len(ids))
+    ]
+
+
+def pair_result(info: ModelInfo, pair: PairSpec, lengths: PairLengths) -> dict[str, object]:
+    doc = score_document(info, pair.x, pair.y, lengths, cached=False)
+    doc.pop("cached")
+    return {"id": pair.id, **doc}
+
+
+def matrix_document(ids: list[str], results: list[dict]) -> dict[str, object]:
+    """N × N NCD and shared information from the pair results of a matrix job."""
+    n = len(ids)
+    index = {d: i for i, d in enumerate(ids)}
+    ncd = [[0.0] * n for _ in range(n)]
+    shared = [[0.0] * n for _ in range(n)]
+    lengths = [0.0] * n
+    for r in results:
+        a, b = r["id"].split("|", 1)  # matrix ids contain no "|" (checked at submission)
+        i, j = index[a], index[b]
+        ncd[i][j] = ncd[j][i] = r["ncd"]
+        shared[i][j] = shared[j][i] = r["shared_information"]
+        lengths[i] = r["code_lengths"]["x"]
+        lengths[j] = r["code_lengths"]["y"]
+    return {"ids": ids, "ncd": ncd, "shared_information": shared, "code_lengths": lengths}
+
+
+@dataclass
+class JobState:
+    id: str
+    model: str
+    kind: str
+    total: int
+    status: str = "queued"
+    done: int = 0
+    error: str | None = None
+    matrix_ids: list[str] | None = None
+    created_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+
+    def public(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "status": self.status,
+            "model": self.model,
+            "kind": self.kind,
+            "progress": {"done": self.done, "total": self.total},
+            "created_at": self.created_at,
+            "finished_at": self.finished_at,
+            "error": self.error,
+        }
