@@ -16,6 +16,10 @@ class UnknownModel(KeyError):
     pass
 
 
+class ModelUnavailable(RuntimeError):
+    """A served model could not be loaded (weights missing, conversion failed)."""
+
+
 class Registry:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -43,7 +47,10 @@ class Registry:
             return self._loaded[model_id]
         with self._locks[model_id]:
             if model_id not in self._loaded:
-                self._loaded[model_id] = self._build(model_id)
+                try:
+                    self._loaded[model_id] = self._build(model_id)
+                except Exception as exc:
+                    raise ModelUnavailable(f"model {model_id!r} could not be loaded: {type(exc).__name__}: {exc}") from exc
         return self._loaded[model_id]
 
     def info(self, model_id: str) -> ModelInfo:

@@ -10,6 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from models.registry import ModelUnavailable
+
 log = logging.getLogger("codelen.service")
 
 TITLES = {
@@ -74,6 +76,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(_: Request, exc: Problem) -> Response:
         return problem_response(exc.status, exc.detail, exc.headers, **exc.extra)
+
+    @app.exception_handler(ModelUnavailable)
+    async def _unavailable(_: Request, exc: ModelUnavailable) -> Response:
+        return problem_response(503, str(exc), {"Retry-After": "30"})
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> Response:
