@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     stride: int | None = None  # new tokens per window after the first; default context // 2
 
     # Batching (worker)
-    batch_tokens: int = 16384  # token budget of one model batch (padded rows × length)
+    batch_tokens: int | None = None  # token budget of one model batch; default 8192 on CPU, 65536 on CUDA
     batch_max_items: int = 256
     batch_wait_ms: float = 5.0
 
@@ -40,14 +40,34 @@ class Settings(BaseSettings):
     max_pairs: int = 10_000
     max_matrix_datasets: int = 500
 
+    # Classifiers (/v1/classifiers); limits answer 413
+    max_classifiers: int = 1_000  # embedded: kept in memory, least recently used dropped first
+    max_classifier_examples: int = 10_000
+    max_classifier_bytes: int = 16 * 1024 * 1024  # all example texts together
+    max_predict_texts: int = 1_000  # texts per predict request
+    max_predict_segments: int = 1_000_000  # code lengths one predict request may need (knn: texts x examples)
+    classifier_ttl_s: int = 90 * 24 * 3600  # Redis: a classifier unused this long expires
+    fitted_classifiers: int = 8  # fitted classifiers (dictionaries, encoded contexts) kept per process
+
     # Behaviour
     score_wait_s: float = 60.0  # /v1/score waits this long, then answers 202 with a job
+    score_fast_path: bool = True  # answer cached /v1/score before routing (service/fastpath.py)
     cache_max_entries: int = 1_000_000  # embedded cache bound (LRU)
     cache_ttl_s: int = 30 * 24 * 3600  # Redis cache TTL
     job_ttl_s: int = 7 * 24 * 3600  # job records and results expire after this
     max_jobs: int = 10_000  # embedded: finished jobs kept (oldest dropped first)
     max_queue_items: int = 200_000  # past this queue depth, new work gets 429
     retry_after_s: int = 5
+
+    # Distributed mode (Redis queue, `codelen worker`); see docs/RELIABILITY.md
+    stream_max_len: int = 1_000_000  # XADD MAXLEN ~ backstop; keep well above max_queue_items
+    dead_letter_max_len: int = 10_000  # dead-letter stream entries kept (MAXLEN ~)
+    reclaim_idle_s: float = 60.0  # XAUTOCLAIM: an entry pending this long belongs to a dead worker
+    reclaim_interval_s: float = 5.0  # how often a worker looks for such entries and trims the stream
+    max_deliveries: int = 3  # an entry delivered more often than this goes to the dead-letter stream
+    heartbeat_s: float = 5.0  # worker heartbeat period; it also keeps its own pending entries fresh
+    model_info_refresh_s: float = 5.0  # API: how long it trusts the model info workers published
+    score_poll_max_s: float = 0.05  # API: longest pause between polls while /v1/score waits on a job
 
     # Security
     api_keys: str = ""  # comma-separated SHA-256 hex digests of accepted API keys

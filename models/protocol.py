@@ -52,6 +52,7 @@ class ModelInfo:
     revision: str
     context_tokens: int | None
     window: WindowPolicy | None = None
+    precision: str = ""  # e.g. "cpu-float32", "cuda-bfloat16": part of the cache namespace
     description: str = ""
     convention: str = ""
 
@@ -59,7 +60,7 @@ class ModelInfo:
     def cache_namespace(self) -> str:
         """Everything about the model that changes a code length, for cache keys."""
         window = self.window.key if self.window else "nowin"
-        return f"{self.id}@{self.revision[:16]}:{window}"
+        return f"{self.id}@{self.revision[:16]}:{self.precision or 'exact'}:{window}"
 
     def as_dict(self) -> dict[str, object]:
         out: dict[str, object] = {
@@ -70,6 +71,8 @@ class ModelInfo:
         }
         if self.window is not None:
             out["window"] = self.window.as_dict()
+        if self.precision:
+            out["precision"] = self.precision
         if self.description:
             out["description"] = self.description
         if self.convention:
