@@ -31,7 +31,9 @@ class Dataset:
     n_records: int
 
 
-def canonical(data: str | list[str], *, max_record_bytes: int, max_records: int, max_bytes: int, pointer: str = "") -> Dataset:
+def canonical(
+    data: str | list[str], *, max_record_bytes: int, max_records: int, max_bytes: int, pointer: str = ""
+) -> Dataset:
     records = [data] if isinstance(data, str) else list(data)
     if not records:
         raise DatasetError("a dataset needs at least one record", pointer)

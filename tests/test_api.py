@@ -12,7 +12,17 @@ X = "Rain fell on the old stone bridge while the market opened in the square. " 
 Y = "Rain fell on the new stone bridge while the market closed in the square. " * 4
 Z = "Compilers translate source code into machine instructions for a processor. " * 4
 
-FIELDS = {"model", "bytes", "code_lengths", "conditional", "shared_information", "ncd", "bits_per_byte", "window", "cached"}
+FIELDS = {
+    "model",
+    "bytes",
+    "code_lengths",
+    "conditional",
+    "shared_information",
+    "ncd",
+    "bits_per_byte",
+    "window",
+    "cached",
+}
 
 
 def wait_job(http: httpx.Client, job_id: str, timeout: float = 60) -> dict:

@@ -70,7 +70,7 @@ def run_tasks(
         else:
             segments.append(Segment(prefix=sx, target=symbols.get(compressor, t.hy, texts[t.hy])))
     bits = compressor.score(segments)
-    return {t.key(ns): b.target_bits for t, b in zip(tasks, bits)}
+    return {t.key(ns): b.target_bits for t, b in zip(tasks, bits, strict=True)}
 
 
 def run_tasks_isolating(

@@ -80,7 +80,7 @@ async def status(job_id: str, request: Request) -> dict:
     "/v1/jobs/{job_id}/results",
     responses={
         200: {
-            "description": "Finished results in pair order; JSON, or one JSON object a line with Accept: application/x-ndjson",
+            "description": "Finished results in pair order: JSON, or JSON lines with Accept: application/x-ndjson",
             "content": {"application/json": {}, "application/x-ndjson": {}},
         },
         **problem_schema(404),

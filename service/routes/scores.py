@@ -18,7 +18,10 @@ router = APIRouter(tags=["scores"])
 @router.post(
     "/v1/score",
     response_model=ScoreResponse,
-    responses={202: {"model": JobStatus, "description": "Not done within the wait: poll the job"}, **problem_schema(404, 413, 422, 429)},
+    responses={
+        202: {"model": JobStatus, "description": "Not done within the wait: poll the job"},
+        **problem_schema(404, 413, 422, 429),
+    },
 )
 async def score(body: ScoreRequest, request: Request) -> JSONResponse:
     model = model_id(request, body.model)
