@@ -7,11 +7,13 @@ import importlib
 import sys
 
 # Modules with a `register(subparsers)` function; each adds subcommands that set `func`.
-COMMAND_MODULES = ("service.cli", "models.cli")
+COMMAND_MODULES = ("service.cli", "models.cli", "workers.cli", "classify.cli", "client.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="codelen", description="Code lengths, shared information and NCD with LM compressors.")
+    parser = argparse.ArgumentParser(
+        prog="codelen", description="Code lengths, shared information and NCD with LM compressors."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)

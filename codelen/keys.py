@@ -25,25 +25,59 @@ def data(sha: str) -> str:
     return f"{QUEUE}:data:{sha}"
 
 
-STREAM = f"{QUEUE}:stream"
-GROUP = "workers"
-DEAD_LETTER = f"{QUEUE}:dead"
+def stream(model_id: str) -> str:
+    """The work queue of one model: an entry per missing task of a job (fields job, model, ns,
+    hx, hy, bytes). One stream per model, so a worker reads only the models it has loaded."""
+    return f"{QUEUE}:stream:{model_id}"
+
+
+GROUP = "workers"  # the consumer group every worker reads through
+DEAD_LETTER = f"{QUEUE}:dead"  # entries that could not be computed, with the reason
+
+
+def model_info(model_id: str) -> str:
+    """ModelInfo (JSON) published by the workers that serve the model; the API builds cache keys
+    from it, so it never loads weights just to learn the revision."""
+    return f"{QUEUE}:model:{model_id}"
+
+
+WORKERS = f"{QUEUE}:workers"  # sorted set: consumer name → time of its last heartbeat (s)
+
+
+def item_error(entry_id: str) -> str:
+    """Last error of a stream entry that raised, for the dead-letter reason."""
+    return f"{QUEUE}:itemerr:{entry_id}"
 
 
 def job(job_id: str) -> str:
+    """Hash: id, model, kind, status, total, done, error, created_at, finished_at, info, matrix_ids."""
     return f"{QUEUE}:job:{job_id}"
 
 
 def job_pairs(job_id: str) -> str:
+    """List, in pair order: JSON [pair id, sha x, sha y, bytes x, bytes y]."""
     return f"{QUEUE}:job:{job_id}:pairs"
 
 
-def job_results(job_id: str) -> str:
-    return f"{QUEUE}:job:{job_id}:results"
+def job_values(job_id: str) -> str:
+    """Hash: task id → bits, every code length the job's pairs need (copied from the cache or
+    written by a worker), so results never depend on cache entries surviving eviction."""
+    return f"{QUEUE}:job:{job_id}:values"
 
 
-def job_done(job_id: str) -> str:
-    return f"{QUEUE}:job:{job_id}:done"
+def job_waiting(job_id: str) -> str:
+    """Hash: task id → comma-separated indices of the pairs still waiting for it."""
+    return f"{QUEUE}:job:{job_id}:waiting"
+
+
+def job_remaining(job_id: str) -> str:
+    """Hash: pair index → number of its code lengths not computed yet; 0 = the pair is done."""
+    return f"{QUEUE}:job:{job_id}:remaining"
+
+
+def job_keys(job_id: str) -> list[str]:
+    """Every key of one job, for EXPIRE and for Lua scripts (KEYS order is fixed)."""
+    return [job(job_id), job_pairs(job_id), job_values(job_id), job_waiting(job_id), job_remaining(job_id)]
 
 
 def idempotency(key_digest: str) -> str:
@@ -52,3 +86,8 @@ def idempotency(key_digest: str) -> str:
 
 def rate_limit(key_digest: str) -> str:
     return f"{QUEUE}:rate:{key_digest}"
+
+
+def classifier(classifier_id: str) -> str:
+    """A classifier's definition (method, model, options, examples) as JSON; not evictable state."""
+    return f"{QUEUE}:clf:{classifier_id}"

@@ -17,6 +17,8 @@ class Settings(BaseSettings):
 
     # Mode: embedded when unset, distributed (Redis queue + workers) when set.
     redis_url: str | None = Field(default=None, validation_alias=AliasChoices("CODELEN_REDIS_URL", "REDIS_URL"))
+    # Optional second Redis for the `clc:` cache only (maxmemory-policy allkeys-lru); default: REDIS_URL.
+    cache_redis_url: str | None = None
 
     # Models
     models: str = ",".join(ALL_MODELS)  # comma-separated ids to serve; "tiny-random" is for tests

@@ -22,5 +22,6 @@ def prepare(args: argparse.Namespace) -> int:
     for model_id in ids:
         started = time.perf_counter()
         prepared = prepare_weights(model_id, settings.weights_cache_dir)
-        print(f"{model_id}: revision {prepared.revision[:16]}… in {prepared.path} ({time.perf_counter() - started:.1f} s)")
+        elapsed = time.perf_counter() - started
+        print(f"{model_id}: revision {prepared.revision[:16]}… in {prepared.path} ({elapsed:.1f} s)")
     return 0

@@ -50,7 +50,8 @@ class Registry:
                 try:
                     self._loaded[model_id] = self._build(model_id)
                 except Exception as exc:
-                    raise ModelUnavailable(f"model {model_id!r} could not be loaded: {type(exc).__name__}: {exc}") from exc
+                    reason = f"{type(exc).__name__}: {exc}"
+                    raise ModelUnavailable(f"model {model_id!r} could not be loaded: {reason}") from exc
         return self._loaded[model_id]
 
     def info(self, model_id: str) -> ModelInfo:

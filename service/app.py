@@ -10,12 +10,14 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 import codelen
+from classify.serving import ClassifierService
+from classify.store import store_for
 from codelen.metrics import Metrics
 from codelen.settings import Settings, get_settings
 from models.registry import Registry
 from service import problems
 from service.middleware import Gatekeeper
-from service.routes import jobs, scores, system
+from service.routes import classifiers, jobs, scores, system
 
 log = logging.getLogger("codelen.service")
 
@@ -39,11 +41,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         backend = build_backend(settings, registry, metrics)
         app.state.backend = backend
+        app.state.classifiers = ClassifierService(settings, registry, store_for(settings))
         await backend.start()
         preload = asyncio.create_task(_preload(registry, settings))
         yield
         preload.cancel()
         await backend.stop()
+        await app.state.classifiers.store.close()
 
     app = FastAPI(
         title="codelen",
@@ -53,13 +57,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings, app.state.metrics, app.state.registry = settings, metrics, registry
     problems.install(app)
-    for module in (scores, jobs, system):
+    for module in (scores, jobs, classifiers, system):
         app.include_router(module.router)
     app.add_middleware(Gatekeeper, settings=settings, metrics=metrics)
     return app
 
 
 async def _preload(registry: Registry, settings: Settings) -> None:
+    if settings.redis_url:
+        return  # distributed mode: the workers load the models, the API only reads what they publish
     for model_id in settings.preload_ids():
         try:
             await asyncio.to_thread(registry.get, model_id)

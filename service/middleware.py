@@ -12,7 +12,9 @@ from typing import Any
 
 from codelen.metrics import Metrics
 from codelen.settings import Settings
+from service.fastpath import cached_score
 from service.problems import problem_body
+from service.ratelimit import bucket_for
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -21,30 +23,14 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 OPEN_PATHS = {"/healthz"}
-
-
-class TokenBucket:
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate, self.burst = rate, burst
-        self._state: dict[str, tuple[float, float]] = {}
-
-    def take(self, key: str) -> float:
-        """0 if allowed, else seconds until a token is available."""
-        now = time.monotonic()
-        tokens, last = self._state.get(key, (float(self.burst), now))
-        tokens = min(self.burst, tokens + (now - last) * self.rate)
-        if tokens >= 1:
-            self._state[key] = (tokens - 1, now)
-            return 0.0
-        self._state[key] = (tokens, now)
-        return (1 - tokens) / self.rate
+ROUTE_KEY = "codelen.route"  # scope key naming the route for metrics when the fast path answered
 
 
 class Gatekeeper:
     def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
         self.app, self.settings, self.metrics = app, settings, metrics
         self.keys = settings.api_key_digests()
-        self.bucket = TokenBucket(settings.rate_limit_per_s, settings.rate_limit_burst) if settings.rate_limit_per_s > 0 else None
+        self.bucket = bucket_for(settings.redis_url, settings.rate_limit_per_s, settings.rate_limit_burst)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -61,7 +47,7 @@ class Gatekeeper:
             await self._handle(scope, receive, send_wrapper)
         finally:
             route = scope.get("route")
-            name = getattr(route, "path", None) or "unmatched"
+            name = getattr(route, "path", None) or scope.get(ROUTE_KEY, "unmatched")
             self.metrics.requests.labels(name, str(status_holder["status"])).inc()
             self.metrics.latency.labels(name).observe(time.perf_counter() - started)
 
@@ -75,7 +61,7 @@ class Gatekeeper:
                 detail = "a valid API key is required: send 'Authorization: Bearer <key>'"
                 return await _reply(send, 401, detail, {"www-authenticate": "Bearer"})
             if self.bucket is not None:
-                wait = self.bucket.take(digest)
+                wait = await self.bucket.take(digest)
                 if wait > 0:
                     retry = str(max(1, round(wait + 0.5)))
                     return await _reply(send, 429, "rate limit for this API key exceeded", {"retry-after": retry})
@@ -102,11 +88,17 @@ class Gatekeeper:
         raw = b"".join(chunks)
         if raw and "json" in headers.get("content-type", "application/json"):
             try:
-                json.loads(raw)
+                doc = json.loads(raw)
             except RecursionError:
                 return await _reply(send, 422, "JSON nested too deeply")
             except ValueError:
                 pass  # FastAPI reports malformed JSON as a 422 with its position
+            else:
+                if self.settings.score_fast_path and scope["path"] == "/v1/score" and scope["method"] == "POST":
+                    answer = await cached_score(scope["app"].state, doc)
+                    if answer is not None:
+                        scope[ROUTE_KEY] = "/v1/score"
+                        return await _send_json(send, answer)
 
         delivered = False
 
@@ -118,6 +110,12 @@ class Gatekeeper:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+async def _send_json(send: Send, body: bytes) -> None:
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _reply(send: Send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:

@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from models.registry import ModelUnavailable
+from workers.jobs import Unavailable
 
 log = logging.getLogger("codelen.service")
 
@@ -41,7 +42,9 @@ def problem_body(status: int, detail: str, **extra: object) -> bytes:
 
 
 def problem_response(status: int, detail: str, headers: dict[str, str] | None = None, **extra: object) -> Response:
-    return Response(problem_body(status, detail, **extra), status, headers=headers, media_type="application/problem+json")
+    return Response(
+        problem_body(status, detail, **extra), status, headers=headers, media_type="application/problem+json"
+    )
 
 
 def problem_schema(*statuses: int) -> dict[int | str, dict]:
@@ -68,7 +71,9 @@ def _validation_errors(exc: RequestValidationError) -> list[dict[str, object]]:
     out = []
     for e in exc.errors():
         loc = [str(p) for p in e.get("loc", ())]
-        out.append({"pointer": "/" + "/".join(loc[1:] if loc and loc[0] == "body" else loc), "message": e.get("msg", "")})
+        out.append(
+            {"pointer": "/" + "/".join(loc[1:] if loc and loc[0] == "body" else loc), "message": e.get("msg", "")}
+        )
     return out[:20]
 
 
@@ -80,6 +85,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ModelUnavailable)
     async def _unavailable(_: Request, exc: ModelUnavailable) -> Response:
         return problem_response(503, str(exc), {"Retry-After": "30"})
+
+    @app.exception_handler(Unavailable)
+    async def _backend_unavailable(request: Request, exc: Unavailable) -> Response:
+        return problem_response(503, str(exc), {"Retry-After": str(request.app.state.settings.retry_after_s)})
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> Response:

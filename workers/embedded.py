@@ -106,11 +106,16 @@ class Engine:
         self.metrics.cache.labels("hit").inc(len(out))
         return out
 
-    def request(self, info: ModelInfo, tasks: list[Task], texts: dict[str, str]) -> dict[Task, asyncio.Future[float]]:
-        """A future per task: done at once if cached, shared if already queued, else queued."""
+    def request(
+        self, info: ModelInfo, tasks: list[Task], texts: dict[str, str], *, admit: bool = True
+    ) -> dict[Task, asyncio.Future[float]]:
+        """A future per task: done at once if cached, shared if already queued, else queued.
+
+        `admit` applies the queue bound (429): new work is refused, but a job already accepted
+        keeps feeding its bounded window whatever the depth."""
         ns = info.cache_namespace
         missing = [t for t in tasks if self.cache.get(t.key(ns)) is None and t not in self._inflight]
-        if missing and self._queue.qsize() + len(missing) > self.settings.max_queue_items:
+        if admit and missing and self._queue.qsize() + len(missing) > self.settings.max_queue_items:
             raise Overloaded(f"queue holds {self._queue.qsize()} tasks")
         loop = asyncio.get_running_loop()
         out: dict[Task, asyncio.Future[float]] = {}
@@ -132,9 +137,9 @@ class Engine:
         self.metrics.queue_depth.set(self._queue.qsize())
         return out
 
-    async def pair_lengths(self, info: ModelInfo, x: Dataset, y: Dataset) -> PairLengths:
+    async def pair_lengths(self, info: ModelInfo, x: Dataset, y: Dataset, *, admit: bool = True) -> PairLengths:
         tasks = pair_tasks(info.id, x.sha256, y.sha256)
-        futs = self.request(info, tasks, {x.sha256: x.text, y.sha256: y.text})
+        futs = self.request(info, tasks, {x.sha256: x.text, y.sha256: y.text}, admit=admit)
         v = await asyncio.gather(*(asyncio.shield(futs[t]) for t in tasks))
         return PairLengths(x=v[0], y=v[1], y_given_x=v[2], x_given_y=v[3])
 
@@ -151,7 +156,11 @@ class Engine:
                 if self._queue.empty() and timeout <= 0:
                     break
                 try:
-                    batch.append(self._queue.get_nowait() if not self._queue.empty() else await asyncio.wait_for(self._queue.get(), timeout))
+                    batch.append(
+                        self._queue.get_nowait()
+                        if not self._queue.empty()
+                        else await asyncio.wait_for(self._queue.get(), timeout)
+                    )
                 except TimeoutError:
                     break
             self.metrics.queue_depth.set(self._queue.qsize())
@@ -227,7 +236,15 @@ class EmbeddedBackend:
     def queue_depth(self) -> int:
         return self.engine.queue_depth()
 
-    async def score(self, model_id: str, x: Dataset, y: Dataset, wait_s: float) -> tuple[PairLengths | None, bool, dict | None]:
+    async def lookup(self, model_id: str, x: Dataset, y: Dataset) -> PairLengths | None:
+        """The pair's four code lengths if all are cached, else None; never queues work."""
+        info = await self.model_info(model_id)
+        cached = self.engine.lookup(info, pair_tasks(model_id, x.sha256, y.sha256))
+        return None if cached is None else PairLengths(*cached.values())
+
+    async def score(
+        self, model_id: str, x: Dataset, y: Dataset, wait_s: float
+    ) -> tuple[PairLengths | None, bool, dict | None]:
         """(lengths, cached, None) if answered within wait_s, else (None, False, job)."""
         info = await self.model_info(model_id)
         cached = self.engine.lookup(info, pair_tasks(model_id, x.sha256, y.sha256))
@@ -286,7 +303,7 @@ class EmbeddedBackend:
             while next_pair < len(spec.pairs) or pending:
                 while next_pair < len(spec.pairs) and len(pending) < JOB_WINDOW:
                     p = spec.pairs[next_pair]
-                    fut = asyncio.ensure_future(self.engine.pair_lengths(info, p.x, p.y))
+                    fut = asyncio.ensure_future(self.engine.pair_lengths(info, p.x, p.y, admit=False))
                     index[fut] = next_pair
                     pending.add(fut)
                     next_pair += 1

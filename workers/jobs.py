@@ -97,3 +97,7 @@ class JobState:
             "finished_at": self.finished_at,
             "error": self.error,
         }
+
+
+class Unavailable(RuntimeError):
+    """The service cannot do this now (Redis unreachable, no worker serves the model): 503."""

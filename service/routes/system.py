@@ -7,6 +7,7 @@ import asyncio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from models.registry import ModelUnavailable
 from service.deps import backend_of
 from service.schemas import ModelList
 
@@ -16,8 +17,12 @@ router = APIRouter(tags=["system"])
 @router.get("/v1/models", response_model=ModelList)
 async def models(request: Request) -> dict:
     backend = backend_of(request)
-    infos = await asyncio.gather(*(backend.model_info(m) for m in request.app.state.registry.ids()))
-    return {"models": [i.as_dict() for i in infos]}
+    ids = request.app.state.registry.ids()
+    infos = await asyncio.gather(*(backend.model_info(m) for m in ids), return_exceptions=True)
+    for i in infos:  # distributed mode: a model no worker has published yet is left out
+        if isinstance(i, BaseException) and not isinstance(i, ModelUnavailable):
+            raise i
+    return {"models": [i.as_dict() for i in infos if not isinstance(i, BaseException)]}
 
 
 @router.get("/healthz")

@@ -1,0 +1,82 @@
+"""The methods by name: which compressor each needs, its options, and how to build it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ValidationError
+
+from classify.base import Classifier, LabeledData
+from classify.conditional import ConditionalClassifier, ConditionalOptions
+from classify.knn import KnnClassifier, KnnOptions
+from classify.zstd_dict import ZstdDictClassifier, ZstdDictOptions
+from models.protocol import Compressor
+
+
+class MethodError(ValueError):
+    """Unknown method, options that do not fit it, or a model it cannot use."""
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    options: type[BaseModel]
+    fixed_model: str | None  # the compressor the method always uses, if any
+    description: str
+
+
+METHODS = {
+    m.name: m
+    for m in (
+        Method("knn", KnnOptions, None, "kNN over NCD with the model, fair ties"),
+        Method("conditional", ConditionalOptions, None, "argmin over labels of C(x | label's examples)"),
+        Method("gzip-knn", KnnOptions, "gzip", "baseline: kNN over gzip NCD (npc_gzip, fair ties)"),
+        Method("zstd-dict", ZstdDictOptions, "zstd", "baseline: zstd dictionary per label (FTCC)"),
+    )
+}
+BASELINES = ("gzip-knn", "zstd-dict")
+
+
+def method(name: str) -> Method:
+    if name not in METHODS:
+        raise MethodError(f"unknown method {name!r}; one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def resolve_model(name: str, requested: str | None, default: str) -> str:
+    """The model a method runs on: its fixed compressor for a baseline, else the one asked for."""
+    m = method(name)
+    if m.fixed_model is not None:
+        if requested not in (None, m.fixed_model):
+            raise MethodError(f"method {name!r} always uses model {m.fixed_model!r}, not {requested!r}")
+        return m.fixed_model
+    return requested or default
+
+
+def parse_options(name: str, options: dict | None) -> BaseModel:
+    try:
+        return method(name).options.model_validate(options or {})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = "/".join(str(p) for p in first["loc"])
+        raise MethodError(f"options/{where}: {first['msg']}") from None
+
+
+def build(
+    name: str,
+    compressor: Callable[[], Compressor],
+    texts: Sequence[str],
+    labels: Sequence[str],
+    options: dict | BaseModel | None = None,
+) -> Classifier:
+    """A fitted classifier. `compressor` is called only by methods that need one (blocking)."""
+    opts = options if isinstance(options, BaseModel) else parse_options(name, options)
+    data = LabeledData(list(texts), list(labels))
+    if name == "zstd-dict":
+        return ZstdDictClassifier(data, opts)  # type: ignore[arg-type]
+    if name in ("knn", "gzip-knn"):
+        return KnnClassifier(compressor(), data, opts)  # type: ignore[arg-type]
+    if name == "conditional":
+        return ConditionalClassifier(compressor(), data, opts)  # type: ignore[arg-type]
+    raise MethodError(f"unknown method {name!r}")

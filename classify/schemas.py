@@ -1,0 +1,59 @@
+"""Request and response bodies of /v1/classifiers."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
+
+MethodName = Literal["conditional", "knn", "gzip-knn", "zstd-dict"]
+Label = Annotated[StrictStr, Field(min_length=1, max_length=256)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ExampleIn(_Strict):
+    text: Annotated[StrictStr, Field(min_length=1, description="UTF-8 text; NUL and U+001E are not allowed")]
+    label: Label
+
+
+class ClassifierRequest(_Strict):
+    model: StrictStr | None = Field(default=None, description="model id from /v1/models; baselines fix their own")
+    method: MethodName = Field(
+        default="conditional",
+        description="conditional: argmin C(x | label's data); knn: NCD kNN; gzip-knn, zstd-dict: classical baselines",
+    )
+    examples: list[ExampleIn] = Field(min_length=1)
+    options: dict[str, Any] = Field(default_factory=dict, description="method options; see docs/CLASSIFY.md")
+
+
+class ClassifierInfo(BaseModel):
+    id: str
+    model: str
+    method: MethodName
+    options: dict[str, Any] = Field(description="every option, defaults filled in")
+    labels: list[str]
+    examples: int
+    examples_per_label: dict[str, int]
+    created_at: float
+
+
+class PredictRequest(_Strict):
+    texts: list[Annotated[StrictStr, Field(min_length=1)]] = Field(min_length=1)
+
+
+class PredictionOut(BaseModel):
+    label: str
+    scores: dict[str, float] = Field(description="a distribution over labels: vote shares (knn), else p ∝ 2^-bits")
+    bits: dict[str, float] | None = Field(
+        default=None, description="C(x | label's data) in bits (saving if unconditional)"
+    )
+
+
+class PredictResponse(BaseModel):
+    id: str
+    model: str
+    method: MethodName
+    predictions: list[PredictionOut]

@@ -1,0 +1,294 @@
+"""Text classification: split hygiene, fair ties, every method, the API and `codelen eval`."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import Counter
+
+import httpx
+import pytest
+
+from classify import build
+from classify.base import combine_bits, posterior
+from classify.data import Example, load_examples, split
+from classify.evaluate import scores
+from classify.knn import KnnOptions, vote
+from codelen.cli import main as codelen_main
+from models.classical import ClassicalCompressor
+from models.protocol import Segment
+from tests.conftest import fast_settings, serve
+
+VOCAB = {
+    "sport": "match goal team coach season league striker referee stadium win cup final players score".split(),
+    "money": "bank stocks market shares profit investor bond interest rates dollar earnings fund trade".split(),
+    "space": "rocket orbit nasa planet telescope astronaut moon launch galaxy star mars satellite probe".split(),
+}
+
+
+def synthetic(per_class: int, seed: int) -> list[Example]:
+    rng = random.Random(seed)
+    return [
+        Example(" ".join(rng.choice(words) for _ in range(12)), label)
+        for label, words in VOCAB.items()
+        for _ in range(per_class)
+    ]
+
+
+TRAIN = synthetic(12, seed=1)
+TEST = synthetic(5, seed=2)
+
+
+def accuracy(method: str, compressor, options: dict | None = None) -> float:
+    clf = build(method, lambda: compressor, [e.text for e in TRAIN], [e.label for e in TRAIN], options)
+    predicted = [p.label for p in clf.predict([e.text for e in TEST])]
+    return sum(p == e.label for p, e in zip(predicted, TEST, strict=True)) / len(TEST)
+
+
+# -- data and split ------------------------------------------------------------------------
+
+
+def test_split_drops_train_test_duplicates_and_keeps_quotas() -> None:
+    examples = [Example(f"text {i % 30}", "ab"[i % 2]) for i in range(120)]  # every text 4 times
+    s = split(examples, train_per_class=10, test_per_class=5, seed=0)
+    assert Counter(e.label for e in s.test) == {"a": 5, "b": 5}
+    assert not {e.text for e in s.train} & {e.text for e in s.test}
+    assert s.duplicates_dropped > 0
+    assert all(c <= 10 for c in Counter(e.label for e in s.train).values())
+    again = split(examples, 10, 5, seed=0)
+    assert again.test == s.test and again.train == s.train
+    assert split(examples, 10, 5, seed=1).test != s.test
+
+
+def test_split_never_puts_a_group_on_both_sides() -> None:
+    examples = [Example(f"doc {i}", "ab"[i % 2], group=f"g{i // 4}") for i in range(200)]
+    for seed in range(5):
+        s = split(examples, None, 10, seed=seed)
+        assert not {e.group for e in s.train} & {e.group for e in s.test}
+        assert len(s.train) + len(s.test) == len(examples)
+
+
+def test_loaders(tmp_path) -> None:
+    (tmp_path / "d.csv").write_text('label,text,group\nx,"hello, world",1\ny,bye,2\n')
+    assert load_examples(tmp_path / "d.csv") == [Example("hello, world", "x", "1"), Example("bye", "y", "2")]
+    (tmp_path / "r8.txt").write_text("earn\tprofit rose\ngrain\twheat crop\n")
+    assert load_examples(tmp_path / "r8.txt")[1] == Example("wheat crop", "grain")
+    (tmp_path / "sms.tsv").write_text('Label\tSMS\nham\tok "lar"\nspam\tWIN now\n')
+    assert load_examples(tmp_path / "sms.tsv")[0] == Example('ok "lar"', "ham")
+    (tmp_path / "ag.csv").write_text('"3","Title","First line\\second line"\n')
+    assert load_examples(tmp_path / "ag.csv") == [Example("Title. First line\nsecond line", "3")]
+    (tmp_path / "d.jsonl").write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 2, "group": "g"}\n')
+    assert load_examples(tmp_path / "d.jsonl")[1] == Example("b", "2", "g")
+
+
+def test_scores_macro_f1_and_confusion() -> None:
+    acc, f1, confusion = scores(["a", "a", "b", "b"], ["a", "b", "b", "b"], ["a", "b"])
+    assert acc == 0.75 and confusion == [[1, 1], [0, 2]]
+    assert f1 == pytest.approx((2 / 3 + 0.8) / 2)
+
+
+# -- fair ties -----------------------------------------------------------------------------
+
+
+def test_a_tie_is_right_only_by_chance_and_reproducibly() -> None:
+    """Two neighbours at the same distance with different labels: never 'correct if either is'."""
+    opts = KnnOptions(k=1, seed=0)
+    picks = [
+        vote([0.3, 0.3, 0.9], ["right", "wrong", "wrong"], ["right", "wrong"], opts, random.Random(s)).label
+        for s in range(400)
+    ]
+    assert 0.4 < picks.count("right") / len(picks) < 0.6
+    assert picks == [
+        vote([0.3, 0.3, 0.9], ["right", "wrong", "wrong"], ["right", "wrong"], opts, random.Random(s)).label
+        for s in range(400)
+    ]
+    two = KnnOptions(k=2)
+    shares = vote([0.1, 0.2], ["a", "b"], ["a", "b"], two, random.Random(0)).scores
+    assert shares == {"a": 0.5, "b": 0.5}
+    decrement = KnnOptions(k=2, ties="decrement")
+    assert {vote([0.1, 0.2], ["a", "b"], ["a", "b"], decrement, random.Random(s)).label for s in range(50)} == {"a"}
+
+
+def test_knn_tie_between_identical_examples_is_seeded() -> None:
+    gzip = ClassicalCompressor("gzip")
+    texts = [f"same text {i}" for i in range(40)]
+    clf = build("knn", lambda: gzip, texts * 2, ["a"] * 40 + ["b"] * 40, {"seed": 3})
+    labels = [p.label for p in clf.predict(texts)]
+    assert 0.2 < labels.count("a") / len(labels) < 0.8  # exact ties: chance, not the first label
+    assert labels == [p.label for p in clf.predict(texts[::-1])][::-1]  # same answer in any batch
+
+
+# -- methods -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "model", "options"),
+    [
+        ("knn", "gzip", {}),
+        ("knn", "zstd", {"k": 3, "weighting": "distance", "symmetric": True}),
+        ("gzip-knn", "gzip", {"k": 2, "ties": "decrement"}),
+        ("conditional", "gzip", {}),
+        ("conditional", "zlib", {"max_examples": 4, "max_windows": None, "combine": "logsumexp"}),
+        ("conditional", "gzip", {"select": "nearest", "max_examples": 5}),
+        ("zstd-dict", None, {}),
+        ("zstd-dict", None, {"dict_type": "trained", "dict_size": 2048}),
+    ],
+)
+def test_methods_separate_clear_classes(method: str, model: str | None, options: dict) -> None:
+    compressor = ClassicalCompressor(model) if model else None
+    assert accuracy(method, compressor, options) >= 0.9
+
+
+def test_conditional_bits_are_the_segment_target_bits() -> None:
+    gzip = ClassicalCompressor("gzip")
+    clf = build("conditional", lambda: gzip, [e.text for e in TRAIN], [e.label for e in TRAIN], {"unconditional": True})
+    text = TEST[0].text
+    (pred,) = clf.predict([text])
+    sep = clf.opts.separator
+    data = sep.join(clf._order["money"]) + sep
+    (direct,) = gzip.score([Segment(data.encode(), text.encode())])
+    alone = gzip.bits(text.encode())
+    assert pred.bits["money"] == pytest.approx(alone - direct.target_bits)
+    assert sum(pred.scores.values()) == pytest.approx(1.0)
+
+
+def test_combination_rules() -> None:
+    values = [100.0, 103.0, 110.0]
+    assert combine_bits(values, "min") == 100.0
+    assert combine_bits(values, "mean") == pytest.approx(313 / 3)
+    mix = combine_bits(values, "logsumexp")
+    assert 100.0 <= mix <= 100.0 + math.log2(3)
+    assert posterior({"a": 10.0, "b": 11.0}) == pytest.approx({"a": 2 / 3, "b": 1 / 3})
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tiny_module = pytest.importorskip("models.tiny")
+    return tiny_module.tiny_compressor(context_tokens=256, stride=128)
+
+
+def test_conditional_with_tiny_lm_uses_windows_and_exact_bits(tiny) -> None:
+    texts, labels = [e.text for e in TRAIN], [e.label for e in TRAIN]
+    clf = build("conditional", lambda: tiny, texts, labels, {"max_windows": None, "combine": "min"})
+    assert all(n > 1 for n in clf.windows().values())  # 12 examples of ~80 bytes do not fit one window
+    assert all(len(w) <= clf.budget for ws in clf._windows.values() for w in ws)
+    preds = clf.predict([e.text for e in TEST[:3]])
+    target = tiny.encode(TEST[0].text)
+    direct = [b.target_bits for b in tiny.score([Segment(w, target) for w in clf._windows["space"]])]
+    assert preds[0].bits["space"] == pytest.approx(min(direct), abs=1e-3)
+    assert preds == clf.predict([e.text for e in TEST[:3]])
+    assert {p.label for p in preds} <= set(VOCAB)
+
+
+def test_knn_with_tiny_lm(tiny) -> None:
+    clf = build("knn", lambda: tiny, [e.text for e in TRAIN[:6]], [e.label for e in TRAIN[:6]], {"k": 3})
+    (pred,) = clf.predict([TEST[0].text])
+    assert pred.label in VOCAB and sum(pred.scores.values()) == pytest.approx(1.0)
+    assert all(0.0 <= d < 1.5 for d in clf.distances(TEST[0].text))
+
+
+# -- API -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def api():
+    with serve(fast_settings(max_predict_texts=4, max_classifier_examples=50)) as url:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            yield client
+
+
+def test_classifier_lifecycle(api: httpx.Client) -> None:
+    examples = [{"text": e.text, "label": e.label} for e in TRAIN]
+    r = api.post("/v1/classifiers", json={"model": "gzip", "method": "conditional", "examples": examples})
+    assert r.status_code == 201, r.text
+    info = r.json()
+    assert r.headers["location"] == f"/v1/classifiers/{info['id']}"
+    assert info["labels"] == sorted(VOCAB) and info["examples"] == len(TRAIN) and info["options"]["combine"] == "min"
+    r = api.post(f"/v1/classifiers/{info['id']}/predict", json={"texts": [e.text for e in TEST[:4]]})
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert [p["label"] for p in preds] == [e.label for e in TEST[:4]]
+    assert set(preds[0]["scores"]) == set(VOCAB) and set(preds[0]["bits"]) == set(VOCAB)
+    assert api.get(f"/v1/classifiers/{info['id']}").json() == info
+    assert api.delete(f"/v1/classifiers/{info['id']}").status_code == 200
+    gone = api.get(f"/v1/classifiers/{info['id']}")
+    assert gone.status_code == 404 and gone.headers["content-type"] == "application/problem+json"
+    assert api.post(f"/v1/classifiers/{info['id']}/predict", json={"texts": ["x"]}).status_code == 404
+
+
+@pytest.mark.parametrize("method", ["knn", "gzip-knn", "zstd-dict"])
+def test_other_methods_over_http(api: httpx.Client, method: str) -> None:
+    examples = [{"text": e.text, "label": e.label} for e in TRAIN]
+    body = {"method": method, "examples": examples, "options": {"seed": 1}}
+    if method == "knn":
+        body["model"] = "zstd"
+    info = api.post("/v1/classifiers", json=body).json()
+    preds = api.post(f"/v1/classifiers/{info['id']}/predict", json={"texts": [TEST[0].text]}).json()["predictions"]
+    assert preds[0]["label"] == TEST[0].label
+
+
+def test_classifier_errors(api: httpx.Client) -> None:
+    ok = [{"text": "a b c", "label": "x"}, {"text": "d e f", "label": "y"}]
+
+    def create(**body) -> httpx.Response:
+        return api.post("/v1/classifiers", json={"examples": ok, **body})
+
+    assert create(model="no-such-model").status_code == 404
+    for bad in (
+        {"method": "magic"},
+        {"options": {"k": 0}, "method": "knn"},
+        {"options": {"nonsense": 1}},
+        {"method": "zstd-dict", "model": "gzip"},
+        {"examples": []},
+        {"examples": [{"text": "a\x1eb", "label": "x"}]},
+        {"examples": [{"text": "a", "label": 3}]},
+    ):
+        r = create(**bad)
+        assert r.status_code == 422, (bad, r.text)
+        assert r.headers["content-type"] == "application/problem+json"
+    assert create(examples=ok * 30).status_code == 413
+    cid = create(model="gzip").json()["id"]
+    assert api.post(f"/v1/classifiers/{cid}/predict", json={"texts": ["t"] * 5}).status_code == 413
+    assert api.post(f"/v1/classifiers/{cid}/predict", json={"texts": []}).status_code == 422
+    assert api.post(f"/v1/classifiers/{cid}/predict", json={"texts": "not a list"}).status_code == 422
+
+
+# -- codelen eval --------------------------------------------------------------------------
+
+
+def test_eval_cli(tmp_path, capsys) -> None:
+    data = tmp_path / "data.csv"
+    rows = ["label,text", *(f"{e.label},{e.text}" for e in synthetic(20, seed=5))]
+    rows.append(f"{TRAIN[0].label},{TRAIN[0].text}")  # an exact duplicate of nothing in test
+    data.write_text("\n".join(rows) + "\n")
+    png = tmp_path / "confusion.png"
+    args = [
+        "eval",
+        "--data",
+        str(data),
+        "--method",
+        "conditional",
+        "--model",
+        "gzip",
+        "--train-per-class",
+        "10",
+        "--test-per-class",
+        "5",
+        "--seed",
+        "0",
+        "--json",
+        "--png",
+        str(png),
+        "--baselines",
+        "--quiet",
+    ]
+    assert codelen_main(args) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [r["method"] for r in doc["results"]] == ["conditional", "gzip-knn", "zstd-dict"]
+    assert doc["test"] == 15 and doc["train"] == 30
+    assert all(r["accuracy"] >= 0.8 and sum(map(sum, r["confusion"])) == 15 for r in doc["results"])
+    assert png.stat().st_size > 1000
+    assert codelen_main(["eval", "--data", str(data), "--method", "gzip-knn", "--k", "3", "--test-per-class", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "confusion matrix" in out
