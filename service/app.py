@@ -18,11 +18,12 @@ from models.registry import Registry
 from service import problems
 from service.middleware import Gatekeeper
 from service.routes import classifiers, jobs, scores, system
+from workers.backend import Backend
 
 log = logging.getLogger("codelen.service")
 
 
-def build_backend(settings: Settings, registry: Registry, metrics: Metrics):
+def build_backend(settings: Settings, registry: Registry, metrics: Metrics) -> Backend:
     if settings.redis_url:
         from workers.redis_backend import RedisBackend
 

@@ -8,13 +8,14 @@ from codelen.datasets import Dataset, DatasetError, canonical
 from codelen.settings import Settings
 from models.registry import UnknownModel
 from service.problems import Problem
+from workers.backend import Backend
 
 
 def settings_of(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def backend_of(request: Request):  # EmbeddedBackend | RedisBackend (same methods)
+def backend_of(request: Request) -> Backend:
     return request.app.state.backend
 
 

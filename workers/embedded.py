@@ -246,11 +246,10 @@ class EmbeddedBackend:
         self, model_id: str, x: Dataset, y: Dataset, wait_s: float
     ) -> tuple[PairLengths | None, bool, dict | None]:
         """(lengths, cached, None) if answered within wait_s, else (None, False, job)."""
-        info = await self.model_info(model_id)
-        cached = self.engine.lookup(info, pair_tasks(model_id, x.sha256, y.sha256))
+        cached = await self.lookup(model_id, x, y)
         if cached is not None:
-            v = list(cached.values())
-            return PairLengths(v[0], v[1], v[2], v[3]), True, None
+            return cached, True, None
+        info = await self.model_info(model_id)
         work = asyncio.ensure_future(self.engine.pair_lengths(info, x, y))
         try:
             return await asyncio.wait_for(asyncio.shield(work), wait_s), False, None

@@ -1,0 +1,50 @@
+"""What the HTTP layer needs from a backend. Two implementations: `workers.embedded.EmbeddedBackend`
+(in-process queue and worker) and `workers.redis_backend.RedisBackend` (Redis streams, separate
+`codelen worker` processes). Routes depend on this protocol only."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from codelen.datasets import Dataset
+from codelen.scores import PairLengths
+from models.protocol import ModelInfo
+from workers.jobs import JobSpec
+
+JobDoc = dict[str, object]
+
+
+class Backend(Protocol):
+    mode: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def ready(self) -> tuple[bool, str]:
+        """(ready, detail) for /readyz."""
+        ...
+
+    async def model_info(self, model_id: str) -> ModelInfo: ...
+
+    def queue_depth(self) -> int: ...
+
+    async def lookup(self, model_id: str, x: Dataset, y: Dataset) -> PairLengths | None:
+        """The four code lengths of a pair if all are cached, else None. Never queues work."""
+        ...
+
+    async def score(
+        self, model_id: str, x: Dataset, y: Dataset, wait_s: float
+    ) -> tuple[PairLengths | None, bool, JobDoc | None]:
+        """(lengths, cached, None) within wait_s, else (None, False, the job now holding the pair)."""
+        ...
+
+    async def submit(self, spec: JobSpec, idempotency_key: str | None) -> JobDoc: ...
+
+    async def job(self, job_id: str) -> JobDoc | None: ...
+
+    async def results(self, job_id: str) -> tuple[JobDoc, list[dict], dict | None] | None:
+        """(job, finished results in pair order, matrix document or None); None if unknown."""
+        ...
+
+    async def cancel(self, job_id: str) -> JobDoc | None: ...
