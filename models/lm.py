@@ -11,23 +11,46 @@ Sequences longer than the context are scored with the position-only sliding wind
 of C(X·Y). Windows of all requests are batched together by a token budget; the vocabulary
 projection runs in chunks of positions so full-vocabulary logits never exist for a whole batch
 (Gemma's vocabulary is 262k entries: 1 MiB of fp32 per position).
+
+The engine, in the order a `score` call meets it:
+1. Prefix reuse: segments that share a prefix X (and fit one window) run [BOS] + X once; its
+   key/value cache (`models.prefix_cache`) serves every target, and an LRU bounded by bytes keeps
+   it for later calls. A C(X) asked in the same call comes from that pass too.
+2. Everything else becomes windows, sorted by length and cut into batches by a token budget:
+   packed (`models.packing`: no padding, one row per batch; varlen flash attention on CUDA,
+   attention per window on CPU, measured 1.6x faster there than padded rows on mixed lengths:
+   docs/BENCHMARKS.md, "Scoring engine"), or padded rows.
+3. On CUDA the next batch is prepared on the CPU (a helper thread) while the device runs the
+   current one, and results stay on the device until the end of the call.
+4. A batch that runs out of device memory is split in halves and retried, and later batches are
+   formed smaller; only a single window that does not fit fails.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Sequence
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import torch
 
 from models import weights
+from models.invariant import make_batch_invariant, tiled_matmul
+from models.packing import packed_attention
+from models.prefix_cache import PrefixCache, PrefixState
 from models.protocol import ModelInfo, Segment, SegmentBits, TokenizationError, WindowPolicy
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _LN2 = math.log(2.0)
 DEFAULT_CONTEXT_TOKENS = 2048
@@ -35,6 +58,9 @@ CPU_BATCH_TOKENS = 8192
 CUDA_BATCH_TOKENS = 65536
 # Elements of one chunk of fp32 logits (64 MiB): bounds memory of the vocabulary projection.
 HEAD_CHUNK_ELEMENTS = 1 << 24
+# Bytes of prefix states (key/value caches) kept between calls.
+CPU_PREFIX_CACHE_BYTES = 256 << 20
+CUDA_PREFIX_CACHE_BYTES = 4 << 30
 
 # Start token per model, where the tokenizer's own BOS is not the best choice. SmolLM2-Instruct's
 # GGUF tokenizer names <|im_start|> (id 1) as BOS, a chat-turn marker; <|endoftext|> (id 0) is the
@@ -63,6 +89,32 @@ class _Window:
     end: int
     score_from: int
 
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class _Prepared:
+    """One batch as tensors, ready to move to the device.
+
+    Padded: `ids` is (rows, width), right-padded (causal attention never looks at the padding, so
+    no mask is needed). Packed: `ids` is (1, total) with `positions` restarting at 0 for each window
+    and `cu_seq_lens` delimiting them. `index` picks, from the flattened hidden states, the position
+    that predicts each entry of `targets`."""
+
+    ids: torch.Tensor
+    index: torch.Tensor
+    targets: torch.Tensor
+    positions: torch.Tensor | None = None
+    cu_seq_lens: torch.Tensor | None = None
+    bounds: list[int] | None = None
+
+    def pinned(self) -> _Prepared:
+        pin = [t.pin_memory() if t is not None else None for t in (self.ids, self.index, self.targets, self.positions)]
+        cu = self.cu_seq_lens.pin_memory() if self.cu_seq_lens is not None else None
+        return _Prepared(pin[0], pin[1], pin[2], pin[3], cu, self.bounds)
+
 
 def window_spans(n_positions: int, policy: WindowPolicy) -> list[tuple[int, int, int]]:
     """(start, end, score_from) of each window over positions [0, n_positions) of BOS + sequence.
@@ -89,11 +141,64 @@ def _first_difference(a: bytes, b: bytes) -> int:
     return min(len(a), len(b))
 
 
+def _activation_bytes_per_token(model: PreTrainedModel) -> int:
+    """A generous estimate of the activation memory one token of a batch holds at the peak of a
+    forward pass (inference: one layer's intermediates live at a time)."""
+    config = model.config
+    hidden = int(config.hidden_size)
+    inter = int(getattr(config, "intermediate_size", 4 * hidden))
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    elements = 6 * hidden + 3 * inter + 2 * (heads + 2 * kv_heads) * head_dim
+    return elements * model.dtype.itemsize
+
+
+def _kv_bytes_per_token(model: PreTrainedModel) -> int:
+    config = model.config
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or int(config.hidden_size) // heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    return 2 * int(config.num_hidden_layers) * kv_heads * head_dim * model.dtype.itemsize
+
+
+def _chunk_bits(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """-log2 softmax(logits)[target] for one chunk of fp32 logits."""
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    target_logits = logits.gather(1, targets[:, None]).squeeze(1)
+    return (torch.logsumexp(logits, dim=1) - target_logits) / _LN2
+
+
+def _mixed_precision_head(weight: torch.Tensor) -> bool:
+    """Whether the device multiplies low-precision operands into fp32 logits (torch.mm out_dtype):
+    tensor-core speed with the same products as an fp32 matmul of the same values."""
+    if weight.device.type != "cuda" or weight.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    try:
+        probe = torch.mm(weight[:2], weight[:2].T, out_dtype=torch.float32)
+    except (RuntimeError, TypeError):
+        return False
+    return probe.dtype == torch.float32
+
+
 class LMCompressor:
     """The `Compressor` of a HuggingFace causal LM and its tokenizer.
 
     `revision` must name everything besides the window policy that changes a code length (the
     weights and the start token), since it goes into cache keys through `info.cache_namespace`.
+
+    Engine settings (none changes a code length beyond float rounding):
+    - `packing`: packed batches (the default) or padded rows;
+    - `prefix_reuse` and `prefix_cache_bytes`: run a shared prefix once and keep its state
+      (default budget 256 MiB on CPU, 4 GiB on CUDA; 0 keeps nothing between calls);
+    - `batch_memory_bytes`: caps a batch's tokens so its activations fit (estimated per token);
+    - `compile`: torch.compile the packed body and the head's softmax (default: on CUDA only;
+      any compile failure falls back to eager, with a warning);
+    - `deterministic` (default: on the CPU): code lengths bit for bit independent of batching.
+      Every matrix product runs in fixed row tiles (models/invariant.py), C(Y|X) of a one-window
+      pair always continues from X's state, one target at a time, and C(X) always takes the plain
+      path, so the same texts give the same bits in any batch, job, worker or mode.
     """
 
     def __init__(
@@ -109,6 +214,12 @@ class LMCompressor:
         start_token_id: int | None = None,
         description: str = "",
         head_chunk_elements: int = HEAD_CHUNK_ELEMENTS,
+        packing: bool = True,
+        prefix_reuse: bool = True,
+        prefix_cache_bytes: int | None = None,
+        batch_memory_bytes: int | None = None,
+        compile: bool | None = None,
+        deterministic: bool | None = None,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -131,12 +242,37 @@ class LMCompressor:
 
         self._body = model.base_model
         head = model.get_output_embeddings()
-        self._head_weight = head.weight.detach().to(torch.float32)  # no copy for an fp32 model
+        self._device = head.weight.device
+        on_cuda = self._device.type == "cuda"
+        self._head_mixed = _mixed_precision_head(head.weight)
+        # fp32 operands unless the device multiplies low precision into fp32 (no fp32 copy then:
+        # Gemma's tied head would cost 0.67 GB).
+        self._head_weight = head.weight.detach() if self._head_mixed else head.weight.detach().to(torch.float32)
         self._head_bias = None if head.bias is None else head.bias.detach().to(torch.float32)
         self._softcap = getattr(config, "final_logit_softcapping", None)
         self._vocab = self._head_weight.shape[0]
         self._head_rows = max(1, head_chunk_elements // self._vocab)
-        self._device = self._head_weight.device
+
+        self.deterministic = (not on_cuda) if deterministic is None else deterministic
+        if self.deterministic:
+            make_batch_invariant(self._body)
+        self.packing = packing
+        self.prefix_reuse = prefix_reuse
+        default_prefix_bytes = CUDA_PREFIX_CACHE_BYTES if on_cuda else CPU_PREFIX_CACHE_BYTES
+        self.prefix_cache = PrefixCache(default_prefix_bytes if prefix_cache_bytes is None else prefix_cache_bytes)
+        self.batch_memory_bytes = batch_memory_bytes
+        self._token_bytes = _activation_bytes_per_token(model)
+        # Cached key/value bytes of one token (all layers) relative to its activation bytes.
+        self._kv_per_token = _kv_bytes_per_token(model) / self._token_bytes
+        self._oom_cap: int | None = None  # tokens per batch known to fit, after an OOM
+        self.oom_splits = 0
+        self._lock = threading.RLock()  # one forward at a time: packing switches the shared config
+        self._prefetch: ThreadPoolExecutor | None = None
+        compile = on_cuda if compile is None else compile
+        self._compiled_body: Callable[..., object] | None = torch.compile(self._body, dynamic=True) if compile else None
+        self._chunk_bits: Callable[..., torch.Tensor] = (
+            torch.compile(_chunk_bits, dynamic=True) if compile else _chunk_bits
+        )
 
         self.window = WindowPolicy(context_tokens=context, stride=stride)
         self.info = ModelInfo(
@@ -177,29 +313,132 @@ class LMCompressor:
             )
         return ids
 
+    # -- scoring ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
     def score(self, segments: Sequence[Segment]) -> list[SegmentBits]:
-        sequences = [[*segment.prefix, *segment.target] for segment in segments]
-        bits = self.token_bits(sequences)
-        out = []
-        for segment, per_token in zip(segments, bits, strict=True):
-            n = len(segment.prefix)
-            out.append(SegmentBits(prefix_bits=float(per_token[:n].sum()), target_bits=float(per_token[n:].sum())))
-        return out
+        segments = list(segments)
+        out: list[SegmentBits | None] = [None] * len(segments)
+        with self._lock:
+            if self.prefix_reuse:
+                self._score_with_prefix_states(segments, out)
+            plain = [i for i, bits in enumerate(out) if bits is None]
+            per_token = self._token_bits([[*segments[i].prefix, *segments[i].target] for i in plain])
+        for i, bits in zip(plain, per_token, strict=True):
+            n = len(segments[i].prefix)
+            out[i] = SegmentBits(prefix_bits=float(bits[:n].sum()), target_bits=float(bits[n:].sum()))
+        return out  # type: ignore[return-value]
+
+    def _score_with_prefix_states(self, segments: list[Segment], out: list[SegmentBits | None]) -> None:
+        """Fill `out` for the segments a prefix state serves: targets after a prefix shared in this
+        call (or kept from an earlier one) that fit one window with it, and C(X) of such a prefix."""
+        context = self.window.context_tokens
+        after: dict[tuple[int, ...], list[int]] = defaultdict(list)  # prefix -> segments (X, Y)
+        alone: dict[tuple[int, ...], list[int]] = defaultdict(list)  # X -> segments ((), X)
+        for i, s in enumerate(segments):
+            if s.prefix and s.target and 1 + len(s.prefix) + len(s.target) <= context:
+                after[tuple(s.prefix)].append(i)
+            elif not s.prefix and s.target and 1 + len(s.target) <= context:
+                alone[tuple(s.target)].append(i)
+        if self.deterministic:
+            alone.clear()  # C(X) always takes the plain path: one way to compute each value
+        for prefix, indices in after.items():
+            if not self.deterministic and len(indices) + (prefix in alone) < 2 and prefix not in self.prefix_cache:
+                continue  # one use: the plain path costs the same and batches better
+            state = self.prefix_cache.get(prefix)
+            if state is None:
+                state = self._prefix_state(prefix)
+            target_bits = self._continue(state, [tuple(segments[i].target) for i in indices])
+            for i, bits in zip(indices, target_bits, strict=True):
+                out[i] = SegmentBits(prefix_bits=state.prefix_bits, target_bits=bits)
+            for i in alone.pop(prefix, []):
+                out[i] = SegmentBits(prefix_bits=0.0, target_bits=state.prefix_bits)
+            self.prefix_cache.put(prefix, state)
+        for target, indices in alone.items():
+            state = self.prefix_cache.peek(target)
+            if state is not None:
+                for i in indices:
+                    out[i] = SegmentBits(prefix_bits=0.0, target_bits=state.prefix_bits)
+
+    def _prefix_state(self, prefix: tuple[int, ...]) -> PrefixState:
+        """Run [BOS] + prefix once; its cache, last hidden state and C(prefix)."""
+        ids = self._with_start(prefix)[None].to(self._device)
+        result = self._body(input_ids=ids, use_cache=True)
+        hidden = result.last_hidden_state[0]
+        bits = float(self._head_bits(hidden[:-1], ids[0, 1:]).to("cpu", torch.float64).sum())
+        return PrefixState.from_forward(result.past_key_values, hidden[-1:], bits, ids.shape[1])
+
+    def _continue(self, state: PrefixState, targets: list[tuple[int, ...]]) -> list[float]:
+        """C(target | prefix) of each target, continuing from the prefix state in padded batches."""
+        for target in targets:
+            self._check_ids(target)
+        order = sorted(range(len(targets)), key=lambda i: len(targets[i]), reverse=True)
+        sorted_targets = [targets[i] for i in order]
+
+        def cost(batch: list[tuple[int, ...]]) -> int:
+            # Each row also holds its copy of the prefix's keys and values through the forward.
+            return len(batch) * (len(batch[0]) + math.ceil(state.n_positions * self._kv_per_token))
+
+        def prepare(batch: list[tuple[int, ...]]) -> _Prepared:
+            width = len(batch[0])
+            ids = torch.full((len(batch), width), self.start_token_id, dtype=torch.long)
+            index = []
+            for r, target in enumerate(batch):
+                ids[r, : len(target)] = torch.tensor(target, dtype=torch.long)
+                # Token j is predicted by position j - 1 of its row; token 0 by the prefix's last
+                # position, entry 0 of [last_hidden, flattened hidden].
+                after_first = 1 + r * width + torch.arange(len(target) - 1)
+                index.append(torch.cat([torch.zeros(1, dtype=torch.long), after_first]))
+            targets_flat = torch.cat([torch.tensor(t, dtype=torch.long) for t in batch])
+            return _Prepared(ids=ids, index=torch.cat(index), targets=targets_flat)
+
+        def run(prepared: _Prepared) -> torch.Tensor:
+            ids = self._to_device(prepared.ids)
+            rows, width = ids.shape
+            positions = torch.arange(state.n_positions, state.n_positions + width, device=self._device)
+            hidden = self._body(
+                input_ids=ids,
+                position_ids=positions.expand(rows, width),
+                past_key_values=state.expanded_cache(rows),
+                use_cache=True,
+            ).last_hidden_state
+            flat = torch.cat([state.last_hidden, hidden.reshape(-1, hidden.shape[-1])])
+            return self._head_bits(flat[self._to_device(prepared.index)], self._to_device(prepared.targets))
+
+        # Deterministic: one target per forward, so its bits never depend on its neighbours' lengths.
+        batches = [[t] for t in sorted_targets] if self.deterministic else self._cut(sorted_targets, cost)
+        done = self._pipeline(batches, prepare, run, cost)
+        bits = torch.cat([b for _, b in done]).to("cpu", torch.float64) if done else torch.zeros(0)
+        sums = [float(part.sum()) for part in bits.split([len(t) for t in sorted_targets])]
+        result = [0.0] * len(targets)
+        for i, total in zip(order, sums, strict=True):
+            result[i] = total
+        return result
 
     @torch.inference_mode()
     def token_bits(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """Per-token bits (float64, CPU) of each sequence: entry i is -log2 p(seq[i] | start, seq[:i])."""
+        with self._lock:
+            return self._token_bits(sequences)
+
+    def _token_bits(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         full = [self._with_start(seq) for seq in sequences]
         windows = [
             _Window(seq=i, start=start, end=end, score_from=score_from)
             for i, tokens in enumerate(full)
             for start, end, score_from in window_spans(len(tokens), self.window)
         ]
-        windows.sort(key=lambda w: w.end - w.start, reverse=True)
+        windows.sort(key=lambda w: w.length, reverse=True)
         result = [torch.zeros(len(seq), dtype=torch.float64) for seq in sequences]
-        for batch in self._batches(windows):
-            bits = self._batch_bits(batch, full).to("cpu", torch.float64)
-            offset = 0
+        cost = self._packed_cost if self.packing else self._padded_cost
+        done = self._pipeline(
+            self._cut(windows, cost), lambda batch: self._prepare(batch, full), self._run_windows, cost
+        )
+        if not done:
+            return result
+        bits = torch.cat([b for _, b in done]).to("cpu", torch.float64)  # one transfer, one sync
+        offset = 0
+        for batch, _ in done:
             for w in batch:
                 n = w.end - w.score_from
                 # Position p of BOS + sequence is token p - 1 of the sequence.
@@ -207,61 +446,187 @@ class LMCompressor:
                 offset += n
         return result
 
-    def _with_start(self, seq: Sequence[int]) -> torch.Tensor:
-        tokens = torch.tensor([self.start_token_id, *seq], dtype=torch.long)
-        if len(seq) and (int(tokens.min()) < 0 or int(tokens.max()) >= self._vocab):
-            raise ValueError(f"{self.info.id}: token ids must be in [0, {self._vocab})")
-        return tokens
+    # -- batches ------------------------------------------------------------------------------
 
-    def _batches(self, windows: list[_Window]) -> list[list[_Window]]:
-        """Consecutive runs of length-sorted windows whose padded size fits batch_tokens."""
-        batches: list[list[_Window]] = []
-        for w in windows:
-            if batches:
-                current = batches[-1]
-                padded = current[0].end - current[0].start  # the longest: windows come sorted
-                if padded * (len(current) + 1) <= self.batch_tokens:
-                    current.append(w)
-                    continue
-            batches.append([w])
+    @staticmethod
+    def _packed_cost(batch: list[_Window]) -> int:
+        return sum(w.length for w in batch)
+
+    @staticmethod
+    def _padded_cost(batch: list[_Window]) -> int:
+        return len(batch) * max(w.length for w in batch)
+
+    def batch_token_limit(self) -> int:
+        """Tokens one batch may hold: batch_tokens, within the memory budget and below any OOM seen."""
+        limit = self.batch_tokens
+        if self.batch_memory_bytes is not None:
+            head = self._head_rows * self._vocab * 4 * 3  # a chunk of fp32 logits and its temporaries
+            limit = min(limit, max(1, (self.batch_memory_bytes - head) // self._token_bytes))
+        if self._oom_cap is not None:
+            limit = min(limit, self._oom_cap)
+        return limit
+
+    def _cut(self, items: list[T], cost: Callable[[list[T]], int]) -> list[list[T]]:
+        """Consecutive runs of length-sorted items whose cost fits the batch token limit."""
+        limit = self.batch_token_limit()
+        batches: list[list[T]] = []
+        for item in items:
+            if batches and cost([*batches[-1], item]) <= limit:
+                batches[-1].append(item)
+            else:
+                batches.append([item])
         return batches
 
-    def _batch_bits(self, batch: list[_Window], full: list[torch.Tensor]) -> torch.Tensor:
-        """Bits of the scored positions of each window, concatenated in batch order."""
-        lengths = [w.end - w.start for w in batch]
-        width = max(lengths)
+    def _prepare(self, batch: list[_Window], full: list[torch.Tensor]) -> _Prepared:
+        targets = torch.cat([full[w.seq][w.score_from : w.end] for w in batch])
+        # The hidden state at position p - 1 predicts the token at position p.
+        predictors = [torch.arange(w.score_from - 1, w.end - 1) - w.start for w in batch]
+        if self.packing:
+            lengths = [w.length for w in batch]
+            bounds = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+            ids = torch.cat([full[w.seq][w.start : w.end] for w in batch])[None]
+            positions = torch.cat([torch.arange(n) for n in lengths])[None]
+            index = torch.cat([bounds[r] + p for r, p in enumerate(predictors)])
+            cu = torch.tensor(bounds, dtype=torch.int32)
+            return _Prepared(ids=ids, index=index, targets=targets, positions=positions, cu_seq_lens=cu, bounds=bounds)
+        width = max(w.length for w in batch)
         ids = torch.full((len(batch), width), self.start_token_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        rows, cols, targets = [], [], []
         for r, w in enumerate(batch):
-            ids[r, : lengths[r]] = full[w.seq][w.start : w.end]
-            mask[r, : lengths[r]] = 1
-            # The hidden state at position p - 1 predicts the token at position p.
-            positions = torch.arange(w.score_from, w.end)
-            rows.append(torch.full_like(positions, r))
-            cols.append(positions - 1 - w.start)
-            targets.append(full[w.seq][w.score_from : w.end])
-        padded = min(lengths) < width
-        hidden = self._body(
-            input_ids=ids.to(self._device),
-            attention_mask=mask.to(self._device) if padded else None,
-            use_cache=False,
-        ).last_hidden_state
-        selected = hidden[torch.cat(rows).to(self._device), torch.cat(cols).to(self._device)]
-        return self._head_bits(selected, torch.cat(targets).to(self._device))
+            ids[r, : w.length] = full[w.seq][w.start : w.end]
+        index = torch.cat([r * width + p for r, p in enumerate(predictors)])
+        return _Prepared(ids=ids, index=index, targets=targets)
+
+    def _run_windows(self, prepared: _Prepared) -> torch.Tensor:
+        """Bits of the scored positions of each window, concatenated in batch order (on the device)."""
+        ids = self._to_device(prepared.ids)
+        if prepared.cu_seq_lens is None:
+            # Right padding: causal attention never sees it, so no mask (and SDPA's causal kernel).
+            hidden = self._body(input_ids=ids, use_cache=False).last_hidden_state
+        else:
+            assert prepared.positions is not None and prepared.bounds is not None
+            lengths = [b - a for a, b in zip(prepared.bounds[:-1], prepared.bounds[1:], strict=True)]
+            kwargs: dict[str, object] = dict(
+                input_ids=ids,
+                position_ids=self._to_device(prepared.positions),
+                use_cache=False,
+                cu_seq_lens_q=self._to_device(prepared.cu_seq_lens),
+                max_length_q=max(lengths),
+            )
+            if self._device.type != "cuda":
+                kwargs["cu_seq_lens_host"] = prepared.bounds  # the per-window loop needs them on the host
+            with packed_attention(self.model):
+                hidden = self._packed_body(kwargs)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        return self._head_bits(flat[self._to_device(prepared.index)], self._to_device(prepared.targets))
+
+    def _packed_body(self, kwargs: dict[str, object]) -> torch.Tensor:
+        if self._compiled_body is not None:
+            try:
+                return self._compiled_body(**kwargs).last_hidden_state  # type: ignore[attr-defined]
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:  # a compiler failure must not fail the items: run eager
+                log.warning("torch.compile of the packed body failed, running eager: %s: %s", type(exc).__name__, exc)
+                self._compiled_body = None
+        return self._body(**kwargs).last_hidden_state
+
+    def _pipeline(
+        self,
+        batches: list[list[T]],
+        prepare: Callable[[list[T]], _Prepared],
+        run: Callable[[_Prepared], torch.Tensor],
+        cost: Callable[[list[T]], int],
+    ) -> list[tuple[list[T], torch.Tensor]]:
+        """Run the batches in order; on CUDA the next one is prepared (and pinned) in a helper
+        thread while the device works on the current one."""
+        done: list[tuple[list[T], torch.Tensor]] = []
+        if self._device.type != "cuda":
+            for batch in batches:
+                done += self._run_splitting(batch, prepare, run, cost)
+            return done
+        if self._prefetch is None:
+            self._prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codelen-prepare")
+
+        def pinned(batch: list[T]) -> _Prepared:
+            return prepare(batch).pinned()
+
+        pending: Future[_Prepared] | None = self._prefetch.submit(pinned, batches[0]) if batches else None
+        for k, batch in enumerate(batches):
+            assert pending is not None
+            prepared = pending.result()
+            pending = self._prefetch.submit(pinned, batches[k + 1]) if k + 1 < len(batches) else None
+            done += self._run_splitting(batch, pinned, run, cost, prepared)
+        return done
+
+    def _run_splitting(
+        self,
+        batch: list[T],
+        prepare: Callable[[list[T]], _Prepared],
+        run: Callable[[_Prepared], torch.Tensor],
+        cost: Callable[[list[T]], int],
+        prepared: _Prepared | None = None,
+    ) -> list[tuple[list[T], torch.Tensor]]:
+        """Run one batch; if the device runs out of memory, halve it (recursively) and form later
+        batches no larger than half of the one that failed. One item that does not fit fails."""
+        if prepared is None:
+            prepared = prepare(batch)
+        try:
+            return [(batch, run(prepared))]
+        except torch.OutOfMemoryError:
+            if len(batch) == 1:
+                raise
+        # Outside the handler, so the traceback's frames (and their tensors) are already released.
+        del prepared
+        self.oom_splits += 1
+        self._oom_cap = max(1, cost(batch) // 2)
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.warning("out of memory on a batch of %d items (%d tokens): splitting", len(batch), cost(batch))
+        half = len(batch) // 2
+        return [
+            *self._run_splitting(batch[:half], prepare, run, cost),
+            *self._run_splitting(batch[half:], prepare, run, cost),
+        ]
+
+    # -- the vocabulary head ------------------------------------------------------------------
 
     def _head_bits(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """-log2 softmax(lm_head(hidden))[target], in fp32, a chunk of positions at a time."""
         out = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
         for i in range(0, len(targets), self._head_rows):
-            logits = hidden[i : i + self._head_rows].to(torch.float32) @ self._head_weight.T
+            rows = hidden[i : i + self._head_rows]
+            if self._head_mixed:
+                logits = torch.mm(rows, self._head_weight.T, out_dtype=torch.float32)
+            elif self.deterministic:
+                logits = tiled_matmul(rows.to(torch.float32), self._head_weight.T)
+            else:
+                logits = rows.to(torch.float32) @ self._head_weight.T
             if self._head_bias is not None:
                 logits += self._head_bias
-            if self._softcap is not None:
-                logits = torch.tanh(logits / self._softcap) * self._softcap
-            target_logits = logits.gather(1, targets[i : i + self._head_rows, None]).squeeze(1)
-            out[i : i + self._head_rows] = (torch.logsumexp(logits, dim=1) - target_logits) / _LN2
+            out[i : i + self._head_rows] = self._softmax_bits(logits, targets[i : i + self._head_rows])
         return out
+
+    def _softmax_bits(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self._chunk_bits is not _chunk_bits:
+            try:
+                return self._chunk_bits(logits, targets, self._softcap)
+            except Exception as exc:  # a compiler failure must not fail the items: run eager
+                log.warning("torch.compile of the head failed, running eager: %s: %s", type(exc).__name__, exc)
+                self._chunk_bits = _chunk_bits
+        return _chunk_bits(logits, targets, self._softcap)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self._device, non_blocking=tensor.is_pinned())
+
+    def _check_ids(self, seq: Sequence[int]) -> None:
+        if len(seq) and (min(seq) < 0 or max(seq) >= self._vocab):
+            raise ValueError(f"{self.info.id}: token ids must be in [0, {self._vocab})")
+
+    def _with_start(self, seq: Sequence[int]) -> torch.Tensor:
+        self._check_ids(seq)
+        return torch.tensor([self.start_token_id, *seq], dtype=torch.long)
 
 
 def load_lm_compressor(

