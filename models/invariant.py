@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-TILE = 64
+TILE = 16  # as fast as 64 for long inputs on the CPU (measured), less padding for short ones
 
 
 def tiled_matmul(x: torch.Tensor, weight_t: torch.Tensor, tile: int = TILE) -> torch.Tensor:

@@ -196,9 +196,10 @@ class LMCompressor:
     - `compile`: torch.compile the packed body and the head's softmax (default: on CUDA only;
       any compile failure falls back to eager, with a warning);
     - `deterministic` (default: on the CPU): code lengths bit for bit independent of batching.
-      Every matrix product runs in fixed row tiles (models/invariant.py), C(Y|X) of a one-window
-      pair always continues from X's state, one target at a time, and C(X) always takes the plain
-      path, so the same texts give the same bits in any batch, job, worker or mode.
+      Every matrix product runs in fixed row tiles (models/invariant.py) and C(Y|X) of a one-window
+      pair always continues from X's state, one target at a time, so the same texts give the same
+      bits in any batch, job, worker or mode (C(X) from a prefix pass equals the plain path's: both
+      are one causal attention over the same window; tests/test_engine.py checks it).
     """
 
     def __init__(
@@ -340,8 +341,6 @@ class LMCompressor:
                 after[tuple(s.prefix)].append(i)
             elif not s.prefix and s.target and 1 + len(s.target) <= context:
                 alone[tuple(s.target)].append(i)
-        if self.deterministic:
-            alone.clear()  # C(X) always takes the plain path: one way to compute each value
         for prefix, indices in after.items():
             if not self.deterministic and len(indices) + (prefix in alone) < 2 and prefix not in self.prefix_cache:
                 continue  # one use: the plain path costs the same and batches better
