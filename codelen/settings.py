@@ -23,7 +23,7 @@ class Settings(BaseSettings):
     # Models
     models: str = ",".join(ALL_MODELS)  # comma-separated ids to serve; "tiny-random" is for tests
     default_model: str = "smollm2-135m"
-    preload: str = "smollm2-135m"  # models loaded at start-up (comma-separated), the rest on first use
+    preload: str = "smollm2-135m,gemma3-270m"  # models loaded at start-up (comma-separated), the rest on first use
     weights_cache_dir: Path = Path.home() / ".cache" / "codelen"
     device: str = "auto"  # auto | cpu | cuda
     context_tokens: int | None = None  # window length; default min(2048, model context)
