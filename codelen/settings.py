@@ -31,7 +31,9 @@ class Settings(BaseSettings):
 
     # Batching (worker)
     batch_tokens: int | None = None  # token budget of one model batch; default 8192 on CPU, 65536 on CUDA
-    batch_max_items: int = 256
+    # Tasks per model call. Progress and results are written when a call returns, so on a CPU
+    # (~150 tokens/s) a small batch keeps progress moving; on a GPU raise it (e.g. 512).
+    batch_max_items: int = 32
     batch_wait_ms: float = 5.0
 
     # Request limits (enforced in both modes; 413/422 problem+json)
