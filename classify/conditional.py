@@ -122,12 +122,26 @@ class ConditionalClassifier:
         return [w[::-1] for w in self._pack(ranked)] or [[]]
 
     def predict(self, texts: Sequence[str]) -> list[Prediction]:
-        out: list[Prediction] = []
-        for start in range(0, len(texts), TEXTS_PER_CALL):
-            out.extend(self._predict_chunk(texts[start : start + TEXTS_PER_CALL]))
+        lengths, alone = self.lengths(texts)
+        out = []
+        for i, found in enumerate(lengths):
+            report = {lab: alone[i] - v for lab, v in found.items()} if alone is not None else found
+            out.append(Prediction(argmin_label(found, text_rng(self.opts.seed, texts[i])), posterior(found), report))
         return out
 
-    def _predict_chunk(self, texts: Sequence[str]) -> list[Prediction]:
+    def lengths(self, texts: Sequence[str]) -> tuple[list[dict[str, float]], list[float] | None]:
+        """Per text, C(x | label's data) for every label (windows combined), and C(x) alone when
+        `unconditional` is set (else None)."""
+        lengths: list[dict[str, float]] = []
+        alone: list[float] | None = [] if self.opts.unconditional else None
+        for start in range(0, len(texts), TEXTS_PER_CALL):
+            found, single = self._lengths_chunk(texts[start : start + TEXTS_PER_CALL])
+            lengths.extend(found)
+            if alone is not None and single is not None:
+                alone.extend(single)
+        return lengths, alone
+
+    def _lengths_chunk(self, texts: Sequence[str]) -> tuple[list[dict[str, float]], list[float] | None]:
         targets = [self.compressor.encode(t) for t in texts]
         segments: list[Segment] = []
         owners: list[tuple[int, str]] = []  # (text index, label) of each segment
@@ -150,11 +164,4 @@ class ConditionalClassifier:
         for (i, lab), b in zip(owners, bits[: len(owners)], strict=True):
             per_text[i].setdefault(lab, []).append(b.target_bits)
         alone = [b.target_bits for b in bits[len(owners) :]] if self.opts.unconditional else None
-        out = []
-        for i, found in enumerate(per_text):
-            lengths = {lab: combine_bits(v, self.opts.combine) for lab, v in found.items()}
-            report = {lab: alone[i] - v for lab, v in lengths.items()} if alone is not None else lengths
-            out.append(
-                Prediction(argmin_label(lengths, text_rng(self.opts.seed, texts[i])), posterior(lengths), report)
-            )
-        return out
+        return [{lab: combine_bits(v, self.opts.combine) for lab, v in found.items()} for found in per_text], alone

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ValidationError
 
 from classify.base import Classifier, LabeledData
 from classify.conditional import ConditionalClassifier, ConditionalOptions
+from classify.fusion import FusionClassifier, FusionOptions
 from classify.knn import KnnClassifier, KnnOptions
 from classify.zstd_dict import ZstdDictClassifier, ZstdDictOptions
 from models.protocol import Compressor
@@ -31,6 +32,12 @@ METHODS = {
     for m in (
         Method("knn", KnnOptions, None, "kNN over NCD with the model, fair ties"),
         Method("conditional", ConditionalOptions, None, "argmin over labels of C(x | label's examples)"),
+        Method(
+            "fusion",
+            FusionOptions,
+            None,
+            "recommended with an LM: the model on each label's nearest examples + gzip on the whole class corpus",
+        ),
         Method("gzip-knn", KnnOptions, "gzip", "baseline: kNN over gzip NCD (npc_gzip, fair ties)"),
         Method("zstd-dict", ZstdDictOptions, "zstd", "baseline: zstd dictionary per label (FTCC)"),
     )
@@ -79,4 +86,6 @@ def build(
         return KnnClassifier(compressor(), data, opts)  # type: ignore[arg-type]
     if name == "conditional":
         return ConditionalClassifier(compressor(), data, opts)  # type: ignore[arg-type]
+    if name == "fusion":
+        return FusionClassifier(compressor(), data, opts)  # type: ignore[arg-type]
     raise MethodError(f"unknown method {name!r}")

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
-MethodName = Literal["conditional", "knn", "gzip-knn", "zstd-dict"]
+MethodName = Literal["conditional", "fusion", "knn", "gzip-knn", "zstd-dict"]
 Label = Annotated[StrictStr, Field(min_length=1, max_length=256)]
 
 
@@ -23,7 +23,10 @@ class ClassifierRequest(_Strict):
     model: StrictStr | None = Field(default=None, description="model id from /v1/models; baselines fix their own")
     method: MethodName = Field(
         default="conditional",
-        description="conditional: argmin C(x | label's data); knn: NCD kNN; gzip-knn, zstd-dict: classical baselines",
+        description=(
+            "conditional: argmin C(x | label's data); fusion (recommended with an LM): the model on each label's "
+            "nearest examples + gzip on the class corpus; knn: NCD kNN; gzip-knn, zstd-dict: classical baselines"
+        ),
     )
     examples: list[ExampleIn] = Field(min_length=1)
     options: dict[str, Any] = Field(default_factory=dict, description="method options; see docs/CLASSIFY.md")

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from classify.base import Classifier, Prediction
 from classify.conditional import ConditionalClassifier
+from classify.fusion import FusionClassifier
 from classify.knn import KnnClassifier
 from classify.methods import MethodError, build, parse_options, resolve_model
 from classify.store import ClassifierStore
@@ -71,6 +72,8 @@ def segments_needed(clf: Classifier, n_texts: int) -> int:
             sum(clf.windows().values()) if clf.opts.select == "all" else len(clf.labels) * (clf.opts.max_windows or 1)
         )
         return n_texts * (per_text + int(clf.opts.unconditional))
+    if isinstance(clf, FusionClassifier):
+        return n_texts * clf.segments_per_text()
     return n_texts * len(clf.labels)
 
 

@@ -133,6 +133,8 @@ def test_knn_tie_between_identical_examples_is_seeded() -> None:
         ("conditional", "gzip", {"select": "nearest", "max_examples": 5}),
         ("zstd-dict", None, {}),
         ("zstd-dict", None, {"dict_type": "trained", "dict_size": 2048}),
+        ("fusion", "zstd", {}),
+        ("fusion", "zlib", {"normalize": "relative", "weight": 0.5, "model_options": {"max_windows": None}}),
     ],
 )
 def test_methods_separate_clear_classes(method: str, model: str | None, options: dict) -> None:
@@ -151,6 +153,74 @@ def test_conditional_bits_are_the_segment_target_bits() -> None:
     alone = gzip.bits(text.encode())
     assert pred.bits["money"] == pytest.approx(alone - direct.target_bits)
     assert sum(pred.scores.values()) == pytest.approx(1.0)
+
+
+def test_fusion_is_the_sum_of_its_experts() -> None:
+    zstd = ClassicalCompressor("zstd")
+    texts, labels = [e.text for e in TRAIN], [e.label for e in TRAIN]
+    relative = {"weight": 2.0, "normalize": "relative", "model_options": {"max_examples": 3}}
+    clf = build("fusion", lambda: zstd, texts, labels, relative)
+    summed = build("fusion", lambda: zstd, texts, labels, {"weight": 2.0, "model_options": {"max_examples": 3}})
+    # each expert is the conditional method with its own options, and C(x) is the segment ((), x)
+    model = build("conditional", lambda: zstd, texts, labels, {"select": "nearest", "max_examples": 3})
+    gzip_expert = build("conditional", lambda: ClassicalCompressor("gzip"), texts, labels, {})
+    x = TEST[4].text
+    (pred,) = clf.predict([x])
+    (m,), (g,) = model.predict([x]), gzip_expert.predict([x])
+    cm, cg = ClassicalCompressor("zstd").bits(x.encode()), ClassicalCompressor("gzip").bits(x.encode())
+    for lab in VOCAB:
+        assert pred.bits[lab] == pytest.approx(m.bits[lab] + 2.0 * cm / cg * g.bits[lab])
+    assert pred.label == min(pred.bits, key=pred.bits.get)
+    (raw,) = summed.predict([x])  # the default: plain sum of code lengths
+    assert raw.bits == {lab: pytest.approx(m.bits[lab] + 2.0 * g.bits[lab]) for lab in VOCAB}
+    assert sum(pred.scores.values()) == pytest.approx(1.0)
+    assert clf.predict([x]) == [pred]  # deterministic
+    # weight 0 is the model's expert alone
+    alone = build("fusion", lambda: zstd, texts, labels, {"weight": 0, "model_options": {"max_examples": 3}})
+    assert [p.label for p in alone.predict([e.text for e in TEST])] == [
+        p.label for p in model.predict([e.text for e in TEST])
+    ]
+
+
+def test_fusion_options_are_checked() -> None:
+    from classify.methods import MethodError, parse_options
+
+    with pytest.raises(MethodError, match="model_options/select"):
+        parse_options("fusion", {"model_options": {"select": "bogus"}})
+    with pytest.raises(MethodError):
+        parse_options("fusion", {"classical": "brotli"})
+    opts = parse_options("fusion", {})
+    assert opts.model_options == {"select": "nearest", "max_examples": 8} and opts.classical == "gzip"
+    opts = parse_options("fusion", {"model_options": {"max_examples": 16}})  # over the defaults
+    assert opts.model_options == {"select": "nearest", "max_examples": 16}
+
+
+def test_classical_score_reuses_prefixes_with_unchanged_lengths() -> None:
+    """score() compresses each distinct prefix once (gzip/zlib continue a copied deflate state);
+    every length equals the one-shot definition C(X·Y) - C(X), byte for byte."""
+    rng = random.Random(7)
+    words = [w for ws in VOCAB.values() for w in ws]
+    prefixes = [" ".join(rng.choice(words) for _ in range(n)).encode() for n in (0, 1, 50, 3000)]
+    prefixes.append(bytes(rng.randrange(256) for _ in range(4000)))  # incompressible
+    segments = [
+        Segment(p, " ".join(rng.choice(words) for _ in range(rng.randint(0, 60))).encode())
+        for p in prefixes
+        for _ in range(5)
+    ]
+    for codec in ("gzip", "zlib", "bz2", "lzma", "zstd"):
+        c = ClassicalCompressor(codec)
+        got = c.score(segments)
+        for seg, b in zip(segments, got, strict=True):
+            cx = c.bits(bytes(seg.prefix))
+            assert b.prefix_bits == cx
+            assert b.target_bits == c.bits(bytes(seg.prefix) + bytes(seg.target)) - cx, codec
+
+
+def test_fusion_with_tiny_lm(tiny) -> None:
+    clf = build("fusion", lambda: tiny, [e.text for e in TRAIN], [e.label for e in TRAIN], {})
+    preds = clf.predict([e.text for e in TEST[:3]])
+    assert all(p.label in VOCAB and sum(p.scores.values()) == pytest.approx(1.0) for p in preds)
+    assert preds == clf.predict([e.text for e in TEST[:3]])
 
 
 def test_combination_rules() -> None:
@@ -217,15 +287,32 @@ def test_classifier_lifecycle(api: httpx.Client) -> None:
     assert api.post(f"/v1/classifiers/{info['id']}/predict", json={"texts": ["x"]}).status_code == 404
 
 
-@pytest.mark.parametrize("method", ["knn", "gzip-knn", "zstd-dict"])
+@pytest.mark.parametrize("method", ["knn", "gzip-knn", "zstd-dict", "fusion"])
 def test_other_methods_over_http(api: httpx.Client, method: str) -> None:
     examples = [{"text": e.text, "label": e.label} for e in TRAIN]
     body = {"method": method, "examples": examples, "options": {"seed": 1}}
-    if method == "knn":
+    if method in ("knn", "fusion"):
         body["model"] = "zstd"
     info = api.post("/v1/classifiers", json=body).json()
     preds = api.post(f"/v1/classifiers/{info['id']}/predict", json={"texts": [TEST[0].text]}).json()["predictions"]
     assert preds[0]["label"] == TEST[0].label
+
+
+def test_fusion_over_http_with_an_lm(api: httpx.Client) -> None:
+    examples = [{"text": e.text, "label": e.label} for e in TRAIN]
+    body = {"model": "tiny-random", "method": "fusion", "examples": examples, "options": {"weight": 1.5}}
+    r = api.post("/v1/classifiers", json=body)
+    assert r.status_code == 201, r.text
+    info = r.json()
+    assert info["method"] == "fusion" and info["options"]["weight"] == 1.5
+    assert info["options"]["model_options"] == {"select": "nearest", "max_examples": 8}
+    r = api.post(f"/v1/classifiers/{info['id']}/predict", json={"texts": [e.text for e in TEST[:2]]})
+    assert r.status_code == 200, r.text
+    for p in r.json()["predictions"]:
+        assert p["label"] in VOCAB and set(p["bits"]) == set(VOCAB)
+        assert sum(p["scores"].values()) == pytest.approx(1.0)
+    bad = {**body, "options": {"model_options": {"combine": "max"}}}
+    assert api.post("/v1/classifiers", json=bad).status_code == 422
 
 
 def test_classifier_errors(api: httpx.Client) -> None:
@@ -292,3 +379,7 @@ def test_eval_cli(tmp_path, capsys) -> None:
     assert codelen_main(["eval", "--data", str(data), "--method", "gzip-knn", "--k", "3", "--test-per-class", "3"]) == 0
     out = capsys.readouterr().out
     assert "accuracy" in out and "confusion matrix" in out
+    fusion = ["eval", "--data", str(data), "--method", "fusion", "--model", "zstd", "--test-per-class", "3"]
+    assert codelen_main([*fusion, "--option", "weight=0.5", "--json", "--quiet"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)["results"]
+    assert result["method"] == "fusion" and result["options"]["weight"] == 0.5 and result["accuracy"] >= 0.8
