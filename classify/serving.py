@@ -22,7 +22,7 @@ from classify.fusion import FusionClassifier
 from classify.knn import KnnClassifier
 from classify.methods import MethodError, build, parse_options, resolve_model
 from classify.store import ClassifierStore
-from codelen.datasets import FORBIDDEN
+from codelen.datasets import DatasetError, check_record
 from codelen.settings import Settings
 from models.protocol import TokenizationError
 from models.registry import Registry, UnknownModel
@@ -83,18 +83,12 @@ class ClassifierService:
         self._fitted: OrderedDict[str, Fitted] = OrderedDict()
 
     def _check_text(self, text: str, pointer: str) -> int:
-        for ch, name in FORBIDDEN.items():
-            if ch in text:
-                raise Invalid(f"{pointer}: text contains {name} at offset {text.index(ch)}", pointer)
         try:
-            size = len(text.encode("utf-8"))
-        except UnicodeEncodeError as exc:
-            raise Invalid(
-                f"{pointer}: text is not valid Unicode (lone surrogate at offset {exc.start})", pointer
-            ) from None
-        if size > self.settings.max_record_bytes:
-            raise TooLarge(f"{pointer}: text of {size} bytes; at most {self.settings.max_record_bytes}")
-        return size
+            return check_record(text, pointer, self.settings.max_record_bytes)
+        except DatasetError as exc:
+            if exc.too_large:
+                raise TooLarge(f"{pointer}: {exc}") from None
+            raise Invalid(f"{pointer}: {exc}", pointer) from None
 
     async def create(self, model: str | None, method: str, examples: list[dict], options: dict) -> dict:
         s = self.settings

@@ -31,6 +31,21 @@ class Dataset:
     n_records: int
 
 
+def check_record(record: str, pointer: str, max_bytes: int) -> int:
+    """The record's size in UTF-8 bytes; DatasetError if it holds a forbidden character, is not
+    valid Unicode, or is over `max_bytes` (too_large)."""
+    for ch, name in FORBIDDEN.items():
+        if ch in record:
+            raise DatasetError(f"record contains {name} at offset {record.index(ch)}", pointer)
+    try:
+        size = len(record.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise DatasetError(f"record is not valid Unicode (lone surrogate at offset {exc.start})", pointer) from exc
+    if size > max_bytes:
+        raise DatasetError(f"record of {size} bytes; at most {max_bytes}", pointer, too_large=True)
+    return size
+
+
 def canonical(
     data: str | list[str], *, max_record_bytes: int, max_records: int, max_bytes: int, pointer: str = ""
 ) -> Dataset:
@@ -40,16 +55,7 @@ def canonical(
     if len(records) > max_records:
         raise DatasetError(f"{len(records)} records; at most {max_records} per dataset", pointer, too_large=True)
     for i, rec in enumerate(records):
-        where = pointer if isinstance(data, str) else f"{pointer}/{i}"
-        for ch, name in FORBIDDEN.items():
-            if ch in rec:
-                raise DatasetError(f"record contains {name} at offset {rec.index(ch)}", where)
-        try:
-            size = len(rec.encode("utf-8"))
-        except UnicodeEncodeError as exc:
-            raise DatasetError(f"record is not valid Unicode (lone surrogate at offset {exc.start})", where) from exc
-        if size > max_record_bytes:
-            raise DatasetError(f"record of {size} bytes; at most {max_record_bytes}", where, too_large=True)
+        check_record(rec, pointer if isinstance(data, str) else f"{pointer}/{i}", max_record_bytes)
     text = RECORD_SEPARATOR.join(records)
     raw = text.encode("utf-8")
     if not raw:
