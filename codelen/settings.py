@@ -68,7 +68,8 @@ class Settings(BaseSettings):
     dead_letter_max_len: int = 10_000  # dead-letter stream entries kept (MAXLEN ~)
     reclaim_idle_s: float = 60.0  # XAUTOCLAIM: an entry pending this long belongs to a dead worker
     reclaim_interval_s: float = 5.0  # how often a worker looks for such entries and trims the stream
-    max_deliveries: int = 3  # an entry delivered more often than this goes to the dead-letter stream
+    max_deliveries: int = 3  # an entry that raised and was delivered more often than this: dead-letter stream
+    max_crash_deliveries: int = 10  # the same for an entry whose worker died each time (no error recorded)
     heartbeat_s: float = 5.0  # worker heartbeat period; it also keeps its own pending entries fresh
     model_info_refresh_s: float = 5.0  # API: how long it trusts the model info workers published
     score_poll_max_s: float = 0.05  # API: longest pause between polls while /v1/score waits on a job

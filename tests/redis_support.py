@@ -31,6 +31,7 @@ FAST_RELIABILITY = {
     "reclaim_interval_s": 0.3,
     "heartbeat_s": 0.3,
     "max_deliveries": 3,
+    "max_crash_deliveries": 3,
     "model_info_refresh_s": 0.5,
 }
 

@@ -256,8 +256,12 @@ class Worker:
                 fresh = []
                 for entry_id, fields in claimed:
                     n = deliveries.get(entry_id, 1)
-                    if n > s.max_deliveries:
-                        last = await self.redis.get(keys.item_error(entry_id))
+                    # An entry whose worker died holding it is charged less than one that raised:
+                    # the kill (operator, OOM killer, preemption) hit its whole batch, and a
+                    # restarted worker reclaims first what it held before, so a few kills in a
+                    # row must not dead-letter innocent work.
+                    last = await self.redis.get(keys.item_error(entry_id)) if n > s.max_deliveries else None
+                    if n > (s.max_deliveries if last else s.max_crash_deliveries):
                         why = f"last error: {last}" if last else "no error recorded: its worker died each time"
                         await self._dead(stream, entry_id, fields, f"delivered {n} times without completing ({why})")
                     else:
