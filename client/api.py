@@ -386,8 +386,9 @@ class Client(_Base):
     def job(self, job_id: str) -> JobStatus:
         return self.request("GET", f"/v1/jobs/{job_id}").json()
 
-    def results(self, job_id: str) -> JobResults:
-        return self.request("GET", f"/v1/jobs/{job_id}/results").json()
+    def results(self, job_id: str, include: str = "all") -> JobResults:
+        """include="matrix": a matrix job's matrices without its pair rows."""
+        return self.request("GET", f"/v1/jobs/{job_id}/results?include={include}").json()
 
     def results_ndjson(self, job_id: str) -> list[PairResult]:
         resp = self.request("GET", f"/v1/jobs/{job_id}/results", headers={"Accept": "application/x-ndjson"})
@@ -494,8 +495,8 @@ class AsyncClient(_Base):
     async def job(self, job_id: str) -> JobStatus:
         return (await self.request("GET", f"/v1/jobs/{job_id}")).json()
 
-    async def results(self, job_id: str) -> JobResults:
-        return (await self.request("GET", f"/v1/jobs/{job_id}/results")).json()
+    async def results(self, job_id: str, include: str = "all") -> JobResults:
+        return (await self.request("GET", f"/v1/jobs/{job_id}/results?include={include}")).json()
 
     async def results_ndjson(self, job_id: str) -> list[PairResult]:
         resp = await self.request("GET", f"/v1/jobs/{job_id}/results", headers={"Accept": "application/x-ndjson"})

@@ -174,7 +174,7 @@ def matrix(args: argparse.Namespace) -> int:
             api.wait(job["id"], on_progress=progress)
         finally:
             bar.close()
-        doc = api.results(job["id"])
+        doc = api.results(job["id"], include="matrix")
     matrices.write(doc["matrix"], args.output, matrices.METRICS[args.metric], doc["model"])
     if not args.quiet:
         extra = f" (+ {matrices.labels_path(args.output).name})" if args.output.suffix.lower() == ".npy" else ""

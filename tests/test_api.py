@@ -98,6 +98,9 @@ def test_matrix_job(http: httpx.Client) -> None:
     ncd = m["ncd"]
     assert all(ncd[i][j] == ncd[j][i] for i in range(3) for j in range(3))
     assert ncd[0][1] < ncd[0][2]
+    only = http.get(f"/v1/jobs/{job['id']}/results", params={"include": "matrix"}).json()
+    assert "results" not in only and only["matrix"] == m
+    assert http.get(f"/v1/jobs/{job['id']}/results", params={"include": "nope"}).status_code == 422
 
 
 def test_idempotency_key(http: httpx.Client) -> None:

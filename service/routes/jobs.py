@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Literal
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from service.deps import backend_of, dataset, model_id, settings_of
@@ -86,7 +87,13 @@ async def status(job_id: str, request: Request) -> dict:
         **problem_schema(404),
     },
 )
-async def results(job_id: str, request: Request) -> Response:
+async def results(
+    job_id: str,
+    request: Request,
+    include: Literal["all", "matrix"] = Query(
+        "all", description="'matrix': only the N x N matrices of a matrix job, without its N(N+1)/2 pair rows"
+    ),
+) -> Response:
     found = await backend_of(request).results(job_id)
     if found is None:
         raise Problem(404, f"no job {job_id!r} (unknown, or expired)")
@@ -94,7 +101,9 @@ async def results(job_id: str, request: Request) -> Response:
     if "application/x-ndjson" in request.headers.get("accept", ""):
         lines = "".join(json.dumps(r) + "\n" for r in rows)
         return Response(lines, media_type="application/x-ndjson", headers={"X-Job-Status": str(job["status"])})
-    doc: dict = {**job, "complete": job["status"] == "succeeded", "results": rows}
+    doc: dict = {**job, "complete": job["status"] == "succeeded"}
+    if include == "all":
+        doc["results"] = rows
     if matrix is not None:
         doc["matrix"] = matrix
     return JSONResponse(doc)
