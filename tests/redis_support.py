@@ -109,7 +109,9 @@ def distributed_settings(redis_url: str, **overrides: object) -> Settings:
 class WorkerProcess:
     """A real `codelen worker` subprocess; its log goes to a file the test can read."""
 
-    def __init__(self, redis_url: str, models: str, log_dir: Path, name: str, **settings: object) -> None:
+    def __init__(
+        self, redis_url: str, models: str, log_dir: Path, name: str, metrics_port: int | None = None, **settings: object
+    ) -> None:
         env = {**os.environ, "REDIS_URL": redis_url, "CODELEN_MODELS": models, "PYTHONUNBUFFERED": "1"}
         env.setdefault("OMP_NUM_THREADS", "1")  # several workers and the API share 2 cores
         env.update({f"CODELEN_{k.upper()}": str(v) for k, v in {**FAST_RELIABILITY, **settings}.items()})
@@ -118,6 +120,8 @@ class WorkerProcess:
         self.log_path = log_dir / f"worker-{name}-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)
         cmd = [sys.executable, "-m", "codelen.cli", "worker", "--name", name, "--log-level", "info"]
+        if metrics_port is not None:
+            cmd += ["--metrics-port", str(metrics_port)]
         self.process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def log(self) -> str:
@@ -150,8 +154,10 @@ def workers(redis_url: str, tmp_path: Path) -> Iterator[list[WorkerProcess]]:
             w.stop()
 
 
-def start_worker(redis_url: str, models: str, log_dir: Path, name: str, **settings: object) -> WorkerProcess:
-    return WorkerProcess(redis_url, models, log_dir, name, **settings)
+def start_worker(
+    redis_url: str, models: str, log_dir: Path, name: str, metrics_port: int | None = None, **settings: object
+) -> WorkerProcess:
+    return WorkerProcess(redis_url, models, log_dir, name, metrics_port, **settings)
 
 
 def wait_published(redis_url: str, models: list[str], timeout: float = 60, *, workers: int = 1) -> None:

@@ -14,7 +14,7 @@ import redis
 
 from codelen import keys
 from tests import redis_support
-from tests.conftest import fast_settings, serve
+from tests.conftest import fast_settings, free_port, serve
 from tests.redis_support import RedisServer, distributed_settings, start_worker, wait_published
 
 # the fixtures this module uses (a real redis-server on a free port, worker processes)
@@ -48,22 +48,16 @@ def wait_job(http: httpx.Client, job_id: str, timeout: float = 60) -> dict:
     raise AssertionError(f"job {job_id} did not finish: {job}")
 
 
-def assert_same(got: object, want: object, rel: float = 0.0, where: str = "") -> None:
-    """Equal documents; floats within `rel` (0: bit for bit).
-
-    Why a tolerance for an LM at all: models/lm.py pads the windows of one batch to a common
-    length, and a padded batch rounds differently in the last float bits (measured: up to ~1e-7
-    relative on the tiny model), so the same task can differ by batch companions in any mode."""
+def assert_same(got: object, want: object, where: str = "") -> None:
+    """Equal documents, floats bit for bit; `where` names the first difference."""
     if isinstance(want, dict):
         assert isinstance(got, dict) and got.keys() == want.keys(), where
         for k in want:
-            assert_same(got[k], want[k], rel, f"{where}/{k}")
+            assert_same(got[k], want[k], f"{where}/{k}")
     elif isinstance(want, list):
         assert isinstance(got, list) and len(got) == len(want), where
         for i, (g, w) in enumerate(zip(got, want, strict=True)):
-            assert_same(g, w, rel, f"{where}/{i}")
-    elif isinstance(want, float) and rel:
-        assert got == pytest.approx(want, rel=rel, abs=1e-4), where  # bits; differences of sums
+            assert_same(g, w, f"{where}/{i}")
     else:
         assert got == want, where
 
@@ -122,14 +116,18 @@ def test_score_cache_models_and_idempotency(redis_url: str, workers: list, tmp_p
 def test_two_workers_share_a_job_and_match_embedded(redis_url: str, workers: list, tmp_path: Path) -> None:
     pairs = make_pairs(40)
     settings = {"batch_max_items": 8}
-    workers += [start_worker(redis_url, "tiny-random", tmp_path, n, **settings) for n in ("a", "b")]
+    metrics_port = free_port()
+    workers += [
+        start_worker(redis_url, "tiny-random", tmp_path, "a", metrics_port=metrics_port, **settings),
+        start_worker(redis_url, "tiny-random", tmp_path, "b", **settings),
+    ]
     reference = embedded_results("tiny-random", pairs)  # while the workers load
     wait_published(redis_url, ["tiny-random"], workers=2)
     with serve(distributed_settings(redis_url)) as url, httpx.Client(base_url=url, timeout=60) as http:
         job = http.post("/v1/jobs", json={"model": "tiny-random", "pairs": pairs}).json()
         assert wait_job(http, job["id"])["progress"] == {"done": 40, "total": 40}
         got = http.get(f"/v1/jobs/{job['id']}/results").json()["results"]
-        assert_same(got, reference, rel=1e-6)  # batches were cut differently: see assert_same
+        assert_same(got, reference)  # bit for bit: the CPU engine is deterministic (models/invariant.py)
 
         # a redelivered entry changes nothing: replay one task of the finished job
         r = redis.Redis.from_url(redis_url, decode_responses=True)
@@ -140,6 +138,8 @@ def test_two_workers_share_a_job_and_match_embedded(redis_url: str, workers: lis
         time.sleep(1.0)
         assert http.get(f"/v1/jobs/{job['id']}").json()["progress"] == {"done": 40, "total": 40}
         assert http.get(f"/v1/jobs/{job['id']}/results").json()["results"] == got
+    exposition = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text  # worker a's Prometheus metrics
+    assert 'codelen_worker_entries_total{outcome="batches"}' in exposition and "codelen_batch_tasks_count" in exposition
     logs = [w.log() for w in workers]
     for w in workers:
         assert w.stop() == 0  # SIGTERM: graceful

@@ -10,6 +10,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("worker", help="compute code lengths for the Redis queue (distributed mode)")
     p.add_argument("--models", help="comma-separated model ids to load and serve (default: CODELEN_MODELS)")
     p.add_argument("--name", help="consumer name in the Redis group (default: host-pid-random)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default: none)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=worker)
 
@@ -24,4 +25,4 @@ def worker(args: argparse.Namespace) -> int:
         raise SystemExit("codelen worker needs REDIS_URL (or CODELEN_REDIS_URL), e.g. redis://localhost:6379/0")
     if args.models:
         settings = settings.model_copy(update={"models": args.models})
-    return run_worker(settings, args.name)
+    return run_worker(settings, args.name, args.metrics_port)

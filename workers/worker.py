@@ -28,11 +28,13 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import redis.asyncio as aioredis
+from prometheus_client import Counter, start_http_server
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from codelen import keys
+from codelen.metrics import Metrics
 from codelen.settings import Settings
 from models.protocol import Compressor
 from models.registry import Registry
@@ -68,6 +70,17 @@ class Worker:
         self._next_reclaim = 0.0
         self.failed = False  # set when the reader died of an unexpected error: exit non-zero
         self.counts = {"computed": 0, "cached": 0, "skipped": 0, "dead": 0, "batches": 0}
+        self.metrics = Metrics()  # served by `codelen worker --metrics-port`
+        self._outcomes = Counter(
+            "codelen_worker_entries",
+            "Stream entries and batches by outcome",
+            ["outcome"],
+            registry=self.metrics.registry,
+        )
+
+    def _count(self, outcome: str, n: int) -> None:
+        self.counts[outcome] += n
+        self._outcomes.labels(outcome).inc(n)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -313,7 +326,7 @@ class Worker:
                     "(the model changed while the job was queued; resubmit it)"
                 )
             elif key in values:
-                self.counts["cached"] += 1
+                self._count("cached", 1)
             elif any(sha not in texts for sha in e.task.shas()):
                 failed[e.id] = "the dataset text is gone from Redis (expired or evicted); resubmit the job"
             else:
@@ -327,7 +340,7 @@ class Worker:
                         failed[e.id] = f"{task_label(task)}: {bad[task]}"
                     elif task in broken:
                         errors[e.id] = broken[task]
-            self.counts["computed"] += len(got)
+            self._count("computed", len(got))
         values.update(computed)
         for entry_id, reason in errors.items():
             log.warning("entry %s failed: %s", entry_id, reason)
@@ -335,7 +348,9 @@ class Worker:
             await self._retrying(lambda: self._write(batch, live, values, computed, failed, errors))
         finally:
             self._release(batch)
-        self.counts["batches"] += 1
+        self._count("batches", 1)
+        self.metrics.batch_size.observe(len(batch))
+        self.metrics.stage.labels("batch").observe(time.perf_counter() - started)
         log.debug("batch of %d in %.3f s", len(batch), time.perf_counter() - started)
 
     def _release(self, batch: list[Entry]) -> None:
@@ -399,7 +414,7 @@ class Worker:
         live_ids = {e.id for e in live}
         for e in batch:
             if e.id not in live_ids:  # its job was cancelled, failed or expired
-                self.counts["skipped"] += 1
+                self._count("skipped", 1)
                 pipe.xack(e.stream, keys.GROUP, e.id)
             elif e.id in failed:
                 fields = redis_state.entry_fields(e.job, e.ns, e.task, e.cost)
@@ -411,7 +426,7 @@ class Worker:
                 args = [keys.GROUP, e.id, redis_state.task_id(e.task), repr(bits), now, s.job_ttl_s]
                 await self._record(keys=[*keys.job_keys(e.job), e.stream], args=args, client=pipe)
         await pipe.execute()
-        self.counts["dead"] += len(failed)
+        self._count("dead", len(failed))
 
     async def _fail_entry(
         self, pipe: aioredis.client.Pipeline, stream: str, entry_id: str, fields: dict, reason: str, job_id: str
@@ -428,19 +443,21 @@ class Worker:
         await self._fail_entry(pipe, stream, entry_id, fields, reason, str(fields.get("job", "")))
         await pipe.execute()
         self._held.pop(entry_id, None)
-        self.counts["dead"] += 1
+        self._count("dead", 1)
 
 
 def task_label(task: Task) -> str:
     return f"C({task.hx[:12]}…)" if task.hy is None else f"C({task.hy[:12]}… | {task.hx[:12]}…)"
 
 
-def run_worker(settings: Settings, name: str | None = None) -> int:
+def run_worker(settings: Settings, name: str | None = None, metrics_port: int | None = None) -> int:
     """Run until SIGTERM or SIGINT; then finish the entries already read and exit (0), or exit 1
     after an unexpected error, for the supervisor to restart the process."""
 
     async def main() -> int:
         worker = Worker(settings, name)
+        if metrics_port is not None:
+            start_http_server(metrics_port, registry=worker.metrics.registry)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
