@@ -30,6 +30,19 @@ def port():
     return p
 
 
+def wait_ready(c: httpx.Client) -> None:
+    """Until /readyz answers 200 and the model is listed (in distributed mode: a worker published it)."""
+    while True:
+        try:
+            if c.get("/readyz").status_code == 200 and any(
+                m["id"] == "smollm2-135m" for m in c.get("/v1/models").json()["models"]
+            ):
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+
+
 rows = list(csv.reader(open(DATA)))[1000:1600]
 texts = [r[1] + ". " + r[2].replace("\\", "\n") for r in rows]
 pairs = [{"id": str(i), "x": texts[i], "y": texts[i + 300]} for i in range(300)]
@@ -57,15 +70,7 @@ def worker(name):
 
 w1, w2 = worker("w1"), worker("w2")
 c = httpx.Client(base_url=f"http://127.0.0.1:{ap}", timeout=120)
-while True:
-    try:
-        if c.get("/readyz").status_code == 200 and any(
-            m["id"] == "smollm2-135m" for m in c.get("/v1/models").json()["models"]
-        ):
-            break
-    except httpx.TransportError:
-        pass
-    time.sleep(1)
+wait_ready(c)
 t0 = time.time()
 job = c.post("/v1/jobs", json={"model": "smollm2-135m", "pairs": pairs}).json()
 kills = 0
@@ -102,13 +107,7 @@ env2.update(CODELEN_MODELS="smollm2-135m", CODELEN_PRELOAD="smollm2-135m")
 ep = port()
 emb = subprocess.Popen(["codelen", "serve", "--port", str(ep), "--log-level", "warning"], env=env2)
 c = httpx.Client(base_url=f"http://127.0.0.1:{ep}", timeout=120)
-while True:
-    try:
-        if c.get("/readyz").status_code == 200:
-            break
-    except httpx.TransportError:
-        pass
-    time.sleep(1)
+wait_ready(c)
 t0 = time.time()
 job = c.post("/v1/jobs", json={"model": "smollm2-135m", "pairs": pairs}).json()
 while (s := c.get(f"/v1/jobs/{job['id']}").json())["status"] not in ("succeeded", "failed", "cancelled"):

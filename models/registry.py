@@ -6,7 +6,7 @@ import threading
 
 from codelen.settings import Settings
 from models.classical import CODECS, ClassicalCompressor
-from models.protocol import Compressor, ModelInfo
+from models.protocol import Compressor
 
 LM_IDS = ("smollm2-135m", "gemma3-270m")
 TEST_IDS = ("tiny-random",)
@@ -53,11 +53,6 @@ class Registry:
                     reason = f"{type(exc).__name__}: {exc}"
                     raise ModelUnavailable(f"model {model_id!r} could not be loaded: {reason}") from exc
         return self._loaded[model_id]
-
-    def info(self, model_id: str) -> ModelInfo:
-        """Model facts for /v1/models and cache keys. For an LM not loaded yet this loads it,
-        so the revision is the hash of the weights actually served."""
-        return self.get(model_id).info
 
     def _build(self, model_id: str) -> Compressor:
         s = self.settings

@@ -114,13 +114,14 @@ class Engine:
         `admit` applies the queue bound (429): new work is refused, but a job already accepted
         keeps feeding its bounded window whatever the depth."""
         ns = info.cache_namespace
-        missing = [t for t in tasks if self.cache.get(t.key(ns)) is None and t not in self._inflight]
+        cached = {t: self.cache.get(t.key(ns)) for t in tasks}  # one lookup per task
+        missing = [t for t, v in cached.items() if v is None and t not in self._inflight]
         if admit and missing and self._queue.qsize() + len(missing) > self.settings.max_queue_items:
             raise Overloaded(f"queue holds {self._queue.qsize()} tasks")
         loop = asyncio.get_running_loop()
         out: dict[Task, asyncio.Future[float]] = {}
         for t in tasks:
-            v = self.cache.get(t.key(ns))
+            v = cached[t]
             if v is not None:
                 fut = loop.create_future()
                 fut.set_result(v)
