@@ -113,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
     reports = []
     for m, opts in runs:
         if not args.quiet:
-            print(f"{m} ({models[m]}) …", file=sys.stderr)
+            n_train, n_test = len(data_split.train), len(data_split.test)
+            print(f"{m} ({models[m]}): fitting on {n_train} examples, then {n_test} texts …", file=sys.stderr)
         report = evaluate(data_split, m, models[m], lambda m=m: registry.get(models[m]), opts, progress)
         if not args.quiet:
             print(file=sys.stderr)

@@ -11,7 +11,9 @@ from classify.base import Classifier, LabeledData
 from classify.conditional import ConditionalClassifier, ConditionalOptions
 from classify.fusion import FusionClassifier, FusionOptions
 from classify.knn import KnnClassifier, KnnOptions
+from classify.knn_lm import KnnLmClassifier, KnnLmOptions
 from classify.zstd_dict import ZstdDictClassifier, ZstdDictOptions
+from models.classical import CODECS
 from models.protocol import Compressor
 
 
@@ -25,6 +27,7 @@ class Method:
     options: type[BaseModel]
     fixed_model: str | None  # the compressor the method always uses, if any
     description: str
+    needs_lm: bool = False  # needs a language model's token states
 
 
 METHODS = {
@@ -36,7 +39,15 @@ METHODS = {
             "fusion",
             FusionOptions,
             None,
-            "recommended with an LM: the model on each label's nearest examples + gzip on the whole class corpus",
+            "the model on each label's nearest examples in context + gzip on the whole class corpus",
+        ),
+        Method(
+            "knn-lm",
+            KnnLmOptions,
+            None,
+            "recommended with an LM: the LM mixed with a token memory of each label's examples (kNN-LM), "
+            "+ gzip on the class corpus; one LM pass per text",
+            needs_lm=True,
         ),
         Method("gzip-knn", KnnOptions, "gzip", "baseline: kNN over gzip NCD (npc_gzip, fair ties)"),
         Method("zstd-dict", ZstdDictOptions, "zstd", "baseline: zstd dictionary per label (FTCC)"),
@@ -58,7 +69,10 @@ def resolve_model(name: str, requested: str | None, default: str) -> str:
         if requested not in (None, m.fixed_model):
             raise MethodError(f"method {name!r} always uses model {m.fixed_model!r}, not {requested!r}")
         return m.fixed_model
-    return requested or default
+    model = requested or default
+    if m.needs_lm and model in CODECS:
+        raise MethodError(f"method {name!r} needs a language model, not the classical compressor {model!r}")
+    return model
 
 
 def parse_options(name: str, options: dict | None) -> BaseModel:
@@ -88,4 +102,9 @@ def build(
         return ConditionalClassifier(compressor(), data, opts)  # type: ignore[arg-type]
     if name == "fusion":
         return FusionClassifier(compressor(), data, opts)  # type: ignore[arg-type]
+    if name == "knn-lm":
+        c = compressor()
+        if not hasattr(c, "token_states"):
+            raise MethodError(f"method {name!r} needs a language model, not {c.info.id!r}")
+        return KnnLmClassifier(c, data, opts)  # type: ignore[arg-type]
     raise MethodError(f"unknown method {name!r}")

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
-MethodName = Literal["conditional", "fusion", "knn", "gzip-knn", "zstd-dict"]
+MethodName = Literal["conditional", "fusion", "knn-lm", "knn", "gzip-knn", "zstd-dict"]
 Label = Annotated[StrictStr, Field(min_length=1, max_length=256)]
 
 
@@ -24,8 +24,9 @@ class ClassifierRequest(_Strict):
     method: MethodName = Field(
         default="conditional",
         description=(
-            "conditional: argmin C(x | label's data); fusion (recommended with an LM): the model on each label's "
-            "nearest examples + gzip on the class corpus; knn: NCD kNN; gzip-knn, zstd-dict: classical baselines"
+            "conditional: argmin C(x | label's data); knn-lm (recommended with an LM): the LM mixed with a token "
+            "memory of each label's examples, + gzip on the class corpus; fusion: the LM on each label's nearest "
+            "examples + gzip; knn: NCD kNN; gzip-knn, zstd-dict: classical baselines"
         ),
     )
     examples: list[ExampleIn] = Field(min_length=1)

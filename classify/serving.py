@@ -20,6 +20,7 @@ from classify.base import Classifier, Prediction
 from classify.conditional import ConditionalClassifier
 from classify.fusion import FusionClassifier
 from classify.knn import KnnClassifier
+from classify.knn_lm import KnnLmClassifier
 from classify.methods import MethodError, build, parse_options, resolve_model
 from classify.store import ClassifierStore
 from codelen.datasets import DatasetError, check_record
@@ -72,7 +73,7 @@ def segments_needed(clf: Classifier, n_texts: int) -> int:
             sum(clf.windows().values()) if clf.opts.select == "all" else len(clf.labels) * (clf.opts.max_windows or 1)
         )
         return n_texts * (per_text + int(clf.opts.unconditional))
-    if isinstance(clf, FusionClassifier):
+    if isinstance(clf, FusionClassifier | KnnLmClassifier):
         return n_texts * clf.segments_per_text()
     return n_texts * len(clf.labels)
 

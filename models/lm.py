@@ -426,7 +426,18 @@ class LMCompressor:
         with self._lock:
             return self._token_bits(sequences)
 
-    def _token_bits(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    @torch.inference_mode()
+    def token_states(self, sequences: Sequence[Sequence[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per sequence: its per-token bits (float64, CPU), as `token_bits`, and the final hidden
+        state that predicts each token (float32, CPU, shape (len(seq), hidden size)): row i is the
+        state after start + seq[:i], the input of the vocabulary head for token i. Same windows as
+        `token_bits`, so a row never depends on what follows its token."""
+        with self._lock:
+            return self._token_bits(sequences, states=True)  # type: ignore[return-value]
+
+    def _token_bits(
+        self, sequences: Sequence[Sequence[int]], states: bool = False
+    ) -> list[torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]]:
         full = [self._with_start(seq) for seq in sequences]
         windows = [
             _Window(seq=i, start=start, end=end, score_from=score_from)
@@ -435,21 +446,25 @@ class LMCompressor:
         ]
         windows.sort(key=lambda w: w.length, reverse=True)
         result = [torch.zeros(len(seq), dtype=torch.float64) for seq in sequences]
+        width = self._head_weight.shape[1]
+        hidden = [torch.zeros(len(seq), width, dtype=torch.float32) for seq in sequences] if states else []
         cost = self._packed_cost if self.packing else self._padded_cost
-        done = self._pipeline(
-            self._cut(windows, cost), lambda batch: self._prepare(batch, full), self._run_windows, cost
-        )
-        if not done:
-            return result
-        bits = torch.cat([b for _, b in done]).to("cpu", torch.float64)  # one transfer, one sync
-        offset = 0
-        for batch, _ in done:
-            for w in batch:
-                n = w.end - w.score_from
-                # Position p of BOS + sequence is token p - 1 of the sequence.
-                result[w.seq][w.score_from - 1 : w.end - 1] = bits[offset : offset + n]
-                offset += n
-        return result
+        run = (lambda p: self._run_windows(p, states=True)) if states else self._run_windows
+        done = self._pipeline(self._cut(windows, cost), lambda batch: self._prepare(batch, full), run, cost)
+        if done:
+            # One transfer, one sync. With states, column 0 is the bits and the rest the state.
+            rows = torch.cat([b for _, b in done]).to("cpu")
+            bits = (rows[:, 0] if states else rows).to(torch.float64)
+            offset = 0
+            for batch, _ in done:
+                for w in batch:
+                    n = w.end - w.score_from
+                    # Position p of BOS + sequence is token p - 1 of the sequence.
+                    result[w.seq][w.score_from - 1 : w.end - 1] = bits[offset : offset + n]
+                    if states:
+                        hidden[w.seq][w.score_from - 1 : w.end - 1] = rows[offset : offset + n, 1:]
+                    offset += n
+        return list(zip(result, hidden, strict=True)) if states else result
 
     # -- batches ------------------------------------------------------------------------------
 
@@ -501,8 +516,9 @@ class LMCompressor:
         index = torch.cat([r * width + p for r, p in enumerate(predictors)])
         return _Prepared(ids=ids, index=index, targets=targets)
 
-    def _run_windows(self, prepared: _Prepared) -> torch.Tensor:
-        """Bits of the scored positions of each window, concatenated in batch order (on the device)."""
+    def _run_windows(self, prepared: _Prepared, states: bool = False) -> torch.Tensor:
+        """Bits of the scored positions of each window, concatenated in batch order (on the device);
+        with `states`, one row per position: its bits, then the hidden state that predicted it."""
         ids = self._to_device(prepared.ids)
         if prepared.cu_seq_lens is None:
             # Right padding: causal attention never sees it, so no mask (and SDPA's causal kernel).
@@ -522,7 +538,9 @@ class LMCompressor:
             with packed_attention(self.model):
                 hidden = self._packed_body(kwargs)
         flat = hidden.reshape(-1, hidden.shape[-1])
-        return self._head_bits(flat[self._to_device(prepared.index)], self._to_device(prepared.targets))
+        picked = flat[self._to_device(prepared.index)]
+        bits = self._head_bits(picked, self._to_device(prepared.targets))
+        return torch.cat([bits[:, None], picked.to(torch.float32)], dim=1) if states else bits
 
     def _packed_body(self, kwargs: dict[str, object]) -> torch.Tensor:
         if self._compiled_body is not None:

@@ -15,6 +15,7 @@ from classify.base import combine_bits, posterior
 from classify.data import Example, load_examples, split
 from classify.evaluate import scores
 from classify.knn import KnnOptions, vote
+from classify.methods import MethodError, resolve_model
 from codelen.cli import main as codelen_main
 from models.classical import ClassicalCompressor
 from models.protocol import Segment
@@ -315,6 +316,17 @@ def test_fusion_over_http_with_an_lm(api: httpx.Client) -> None:
     assert api.post("/v1/classifiers", json=bad).status_code == 422
 
 
+def test_knn_lm_over_http(api: httpx.Client) -> None:
+    examples = [{"text": e.text, "label": e.label} for e in TRAIN]
+    r = api.post("/v1/classifiers", json={"model": "tiny-random", "method": "knn-lm", "examples": examples})
+    assert r.status_code == 201, r.text
+    info = r.json()
+    assert info["options"]["k"] == 256 and info["options"]["classical_weight"] == 0.25
+    r = api.post(f"/v1/classifiers/{info['id']}/predict", json={"texts": [e.text for e in TEST[:3]]})
+    assert r.status_code == 200, r.text
+    assert [p["label"] for p in r.json()["predictions"]] == [e.label for e in TEST[:3]]
+
+
 def test_classifier_errors(api: httpx.Client) -> None:
     ok = [{"text": "a b c", "label": "x"}, {"text": "d e f", "label": "y"}]
 
@@ -327,6 +339,8 @@ def test_classifier_errors(api: httpx.Client) -> None:
         {"options": {"k": 0}, "method": "knn"},
         {"options": {"nonsense": 1}},
         {"method": "zstd-dict", "model": "gzip"},
+        {"method": "knn-lm", "model": "gzip"},
+        {"method": "knn-lm", "model": "tiny-random", "options": {"memory_weight": 1.0}},
         {"examples": []},
         {"examples": [{"text": "a\x1eb", "label": "x"}]},
         {"examples": [{"text": "a", "label": 3}]},
@@ -383,3 +397,60 @@ def test_eval_cli(tmp_path, capsys) -> None:
     assert codelen_main([*fusion, "--option", "weight=0.5", "--json", "--quiet"]) == 0
     (result,) = json.loads(capsys.readouterr().out)["results"]
     assert result["method"] == "fusion" and result["options"]["weight"] == 0.5 and result["accuracy"] >= 0.8
+
+
+# -- knn-lm --------------------------------------------------------------------------------
+
+
+def test_knn_lm_bits_are_the_mixture_code_length(tiny) -> None:
+    """C(x | label) = -Σ log2((1-λ) p_LM + λ p_mem), p_mem by brute force over the label's memory
+    (k covers the whole memory: which of several equidistant keys top-k keeps is not defined, and
+    every text's first token has the same state)."""
+    texts, labels = [e.text for e in TRAIN], [e.label for e in TRAIN]
+    opts = {"k": 4096, "memory_weight": 0.7, "temperature": 0.1, "classical_weight": 0}
+    clf = build("knn-lm", lambda: tiny, texts, labels, opts)
+    assert sum(clf.memory_tokens.values()) == sum(len(tiny.encode(t)) for t in texts)
+    x = tiny.encode(TEST[0].text)
+    ((bits, states),) = tiny.token_states([x])
+    (pred,) = clf.predict([TEST[0].text])
+    q = (states - clf._mean) / clf._scale
+    for lab in VOCAB:
+        keys, values = clf.keys[lab], clf.values[lab].tolist()
+        total = 0.0
+        for i, token in enumerate(x):
+            d = sorted((float(((q[i] - key) ** 2).sum()), v) for key, v in zip(keys, values, strict=True))
+            w = [math.exp(-(dd - d[0][0]) / clf.temperature) for dd, _ in d]
+            p_mem = sum(wi for wi, (_, v) in zip(w, d, strict=True) if v == token) / sum(w)
+            total -= math.log2(0.3 * 2.0 ** -float(bits[i]) + 0.7 * p_mem)
+        assert pred.bits[lab] == pytest.approx(total, rel=1e-4)
+    assert pred.label == min(pred.bits, key=pred.bits.get)
+
+
+def test_knn_lm_separates_clear_classes_and_is_batch_independent(tiny) -> None:
+    clf = build("knn-lm", lambda: tiny, [e.text for e in TRAIN], [e.label for e in TRAIN], {"classical_weight": 0})
+    texts = [e.text for e in TEST]
+    preds = clf.predict(texts)
+    assert sum(p.label == e.label for p, e in zip(preds, TEST, strict=True)) / len(TEST) >= 0.9
+    assert [clf.predict([t])[0] for t in texts[:4]] == preds[:4]
+    with_gzip = build(
+        "knn-lm", lambda: tiny, [e.text for e in TRAIN], [e.label for e in TRAIN], {"classical_weight": 0.5}
+    )
+    gz = build("conditional", lambda: ClassicalCompressor("gzip"), [e.text for e in TRAIN], [e.label for e in TRAIN])
+    (both,), (g,) = with_gzip.predict(texts[:1]), gz.predict(texts[:1])
+    assert both.bits == pytest.approx({lab: preds[0].bits[lab] + 0.5 * g.bits[lab] for lab in VOCAB})
+
+
+def test_knn_lm_memory_budget_keeps_whole_examples(tiny) -> None:
+    texts, labels = [e.text for e in TRAIN], [e.label for e in TRAIN]
+    clf = build("knn-lm", lambda: tiny, texts, labels, {"max_memory_tokens": 3 * 200})
+    sizes = sorted(len(tiny.encode(t)) for t in texts)
+    for lab in VOCAB:
+        assert 0 < clf.memory_tokens[lab] <= 200 and len(clf.values[lab]) == clf.memory_tokens[lab]
+        assert clf.memory_tokens[lab] > 200 - sizes[-1]  # filled until the next example would not fit
+
+
+def test_knn_lm_needs_a_language_model() -> None:
+    with pytest.raises(MethodError, match="needs a language model"):
+        resolve_model("knn-lm", "gzip", "smollm2-135m")
+    with pytest.raises(MethodError, match="needs a language model"):
+        build("knn-lm", lambda: ClassicalCompressor("zstd"), ["a b", "c d"], ["x", "y"])

@@ -201,3 +201,26 @@ def test_deterministic_mode_is_bit_for_bit_batch_invariant() -> None:
     alone = [comp.score([s])[0] for s in segments]
     reversed_order = comp.score(segments[::-1])[::-1]
     assert together == alone == reversed_order
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_token_states_are_the_head_inputs_of_a_plain_forward(packing: bool) -> None:
+    """token_states: the same bits as token_bits, and row i is HF's final hidden state that
+    predicts token i, through sliding windows too; bit for bit the same alone or in a batch."""
+    comp = tiny_compressor(context_tokens=32, stride=16, batch_tokens=300, packing=packing)
+    rng = random.Random(3)
+    seqs = [tokens(rng, rng.randrange(1, 90)) for _ in range(12)]
+    states = comp.token_states(seqs)
+    for seq, bits, (sbits, hidden) in zip(seqs, comp.token_bits(seqs), states, strict=True):
+        assert torch.equal(bits, sbits) and hidden.shape == (len(seq), comp.model.config.hidden_size)
+        ids = torch.tensor([[comp.start_token_id, *seq]])
+        if len(seq) < 32:  # one window: the states of one plain forward
+            with torch.inference_mode():
+                plain = comp.model.base_model(input_ids=ids).last_hidden_state[0, :-1]
+            assert torch.allclose(hidden, plain, rtol=REL, atol=1e-4)
+        elif len(seq) > 40:  # token 40 (position 41) is scored in window 1, positions 16..47
+            with torch.inference_mode():
+                window = comp.model.base_model(input_ids=ids[:, 16:48]).last_hidden_state[0]
+            assert torch.allclose(hidden[40], window[40 - 16], rtol=REL, atol=1e-4)
+    alone = comp.token_states(seqs[5:6])[0]
+    assert torch.equal(alone[0], states[5][0]) and torch.equal(alone[1], states[5][1])

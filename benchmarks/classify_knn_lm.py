@@ -1,0 +1,124 @@
+"""`knn-lm` on a split: one LM pass, then a grid of its options, beside gzip and zstd on the same split.
+
+    nice python benchmarks/classify_knn_lm.py --data ../shared/data/ag_news/test.csv \\
+        --train-per-class 250 --test-per-class 50 --model smollm2-135m [--fast-engine]
+
+Fits `KnnLmClassifier` once (the memories: every training token's state), computes each test
+text's per-token bits and states once, then scores every (k, temperature, memory_weight) of the
+grid through the classifier's own `_text_bits`, and each with the classical expert added at
+several weights (gzip C(x | label corpus), from the `conditional` classifier). Prints one line per
+setting, the defaults marked, and the conditions. Same split and ties as `codelen eval`.
+--fast-engine turns the engine's deterministic CPU mode off (states equal to float rounding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from benchmarks.classify_fusion import fast_lm  # noqa: E402
+from classify.base import argmin_label, text_rng  # noqa: E402
+from classify.data import load_examples, split  # noqa: E402
+from classify.knn_lm import KnnLmOptions  # noqa: E402
+from classify.methods import build  # noqa: E402
+from codelen.settings import Settings  # noqa: E402
+from models.registry import Registry  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True)
+    p.add_argument("--test-data")
+    p.add_argument("--text-col", default="text")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--train-per-class", type=int, default=250)
+    p.add_argument("--test-per-class", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--k", type=int, nargs="+", default=[16, 64, 256])
+    p.add_argument("--temperature", type=float, nargs="+", default=[0.02, 0.05, 0.1])
+    p.add_argument("--memory-weight", type=float, nargs="+", default=[0.8, 0.9, 0.97])
+    p.add_argument("--classical-weight", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0])
+    p.add_argument("--fast-engine", action="store_true")
+    args = p.parse_args()
+
+    examples = load_examples(args.data, text_col=args.text_col)
+    test_examples = load_examples(args.test_data, text_col=args.text_col) if args.test_data else None
+    sp = split(examples, args.train_per_class, args.test_per_class, args.seed, test_examples)
+    lm = fast_lm(args.model) if args.fast_engine else Registry(Settings(models=args.model)).get(args.model)
+    train_texts, train_labels = [e.text for e in sp.train], [e.label for e in sp.train]
+    texts, truth = [e.text for e in sp.test], [e.label for e in sp.test]
+
+    t0 = time.perf_counter()
+    clf = build("knn-lm", lambda: lm, train_texts, train_labels, {"classical_weight": 0.0})
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    seqs = [lm.encode(t) for t in texts]
+    states = clf._states(seqs)
+    lm_s = time.perf_counter() - t0
+    gzip = build("conditional", lambda: _classical(), train_texts, train_labels, {"seed": args.seed})
+    classical = gzip.lengths(texts)[0]
+    median = clf.temperature / clf.opts.temperature  # the median squared distance
+
+    defaults = KnnLmOptions()
+    print(
+        json.dumps(
+            {
+                "data": args.data,
+                "model": args.model,
+                "train": len(train_texts),
+                "test": len(texts),
+                "seed": args.seed,
+                "memory_tokens": clf.memory_tokens,
+                "fit_s": round(fit_s, 1),
+                "lm_pass_s_per_text": round(lm_s / max(1, len(texts)), 3),
+                "engine": "fast" if args.fast_engine else "deterministic",
+                "machine": f"{platform.machine()} {platform.processor() or ''} torch {torch.__version__}".strip(),
+                "date": datetime.date.today().isoformat(),
+            }
+        )
+    )
+    for k, temp, lam in itertools.product(args.k, args.temperature, args.memory_weight):
+        clf.opts = clf.opts.model_copy(update={"k": k, "temperature": temp, "memory_weight": lam})
+        clf.temperature = temp * median
+        t0 = time.perf_counter()
+        bits = [
+            clf._text_bits(torch.tensor(ids, dtype=torch.long), b, h) for ids, (b, h) in zip(seqs, states, strict=True)
+        ]
+        mem_ms = 1000 * (time.perf_counter() - t0) / max(1, len(texts))
+        accs = {}
+        for w in args.classical_weight:
+            right = 0
+            for text, lab, m, c in zip(texts, truth, bits, classical, strict=True):
+                fused = {y: m[y] + w * c[y] for y in m}
+                right += argmin_label(fused, text_rng(clf.opts.seed, text)) == lab
+            accs[w] = round(right / max(1, len(texts)), 3)
+        default = (k, temp, lam) == (defaults.k, defaults.temperature, defaults.memory_weight)
+        print(
+            json.dumps(
+                {"k": k, "temperature": temp, "memory_weight": lam, "memory_ms_per_text": round(mem_ms, 1)}
+                | {f"acc_classical_weight_{w}": a for w, a in accs.items()}
+                | ({"default": True} if default else {})
+            ),
+            flush=True,
+        )
+    return 0
+
+
+def _classical():
+    from models.classical import ClassicalCompressor
+
+    return ClassicalCompressor("gzip")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
