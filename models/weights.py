@@ -16,9 +16,12 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +29,8 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -208,6 +213,43 @@ def gguf_path(model_id: str, scratch_dir: str | Path) -> Path:
     return target
 
 
+_OWNER_FILE = "owner.json"
+_STALE_UNOWNED_S = 24 * 3600  # a work dir without a readable owner this old is abandoned
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, someone else's
+    return True
+
+
+def remove_stale_work_dirs(parent: Path) -> list[Path]:
+    """Delete the `.convert-*` work dirs of conversions that were killed (SIGKILL, power loss:
+    `finally` never ran). A dir is stale when its owner process on this host is gone, or when it
+    has no readable owner and is older than a day. Returns what was removed."""
+    removed = []
+    for work in parent.glob(".convert-*"):
+        if not work.is_dir():
+            continue
+        try:
+            owner = json.loads((work / _OWNER_FILE).read_text())
+            stale = owner.get("host") == socket.gethostname() and not _pid_alive(int(owner["pid"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            try:
+                stale = time.time() - work.stat().st_mtime > _STALE_UNOWNED_S
+            except OSError:
+                continue
+        if stale:
+            shutil.rmtree(work, ignore_errors=True)
+            removed.append(work)
+            log.info("removed the work dir of an interrupted conversion: %s", work)
+    return removed
+
+
 def _convert(model_id: str, rev: str, target: Path) -> None:
     """Dequantize the GGUF once and save model + tokenizer as safetensors at `target`.
 
@@ -217,7 +259,9 @@ def _convert(model_id: str, rev: str, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_work_dirs(target.parent)
     work = Path(tempfile.mkdtemp(prefix=f".convert-{rev[:12]}-", dir=target.parent))
+    _write_json_atomic(work / _OWNER_FILE, {"host": socket.gethostname(), "pid": os.getpid()})
     try:
         gguf = gguf_path(model_id, work / "gguf")
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)

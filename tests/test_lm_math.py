@@ -159,3 +159,37 @@ def test_invalid_policy_and_tokens() -> None:
         tiny_compressor(context_tokens=10_000)
     with pytest.raises(ValueError, match="token ids"):
         tiny_compressor().token_bits([[5, 259]])
+
+
+def test_stale_conversion_work_dirs_are_removed(tmp_path) -> None:
+    """A conversion killed before its `finally` leaves `.convert-*` behind; the next one removes
+    it when its owner is gone, and leaves a live converter's and a recent unowned dir alone."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from models.weights import remove_stale_work_dirs
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    dirs = {}
+    for name, owner in [("dead", dead.pid), ("alive", os.getpid()), ("elsewhere", None), ("unowned", None)]:
+        d = tmp_path / f".convert-abc-{name}"
+        (d / "gguf").mkdir(parents=True)
+        if owner is not None:
+            (d / "owner.json").write_text(json.dumps({"host": host, "pid": owner}))
+        dirs[name] = d
+    (dirs["elsewhere"] / "owner.json").write_text(json.dumps({"host": host + "-other", "pid": dead.pid}))
+    old = tmp_path / ".convert-abc-old"
+    old.mkdir()
+    os.utime(old, (time.time() - 2 * 86400, time.time() - 2 * 86400))
+    (tmp_path / "smollm2-135m").mkdir()  # a converted model is never touched
+    removed = remove_stale_work_dirs(tmp_path)
+    assert sorted(p.name for p in removed) == [".convert-abc-dead", ".convert-abc-old"]
+    assert not dirs["dead"].exists() and not old.exists()
+    assert dirs["alive"].is_dir() and dirs["elsewhere"].is_dir() and dirs["unowned"].is_dir()
+    assert (tmp_path / "smollm2-135m").is_dir()
