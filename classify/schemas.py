@@ -61,3 +61,17 @@ class PredictResponse(BaseModel):
     model: str
     method: MethodName
     predictions: list[PredictionOut]
+
+
+class PredictionJob(BaseModel):
+    id: str
+    classifier: str
+    status: Literal["queued", "running", "succeeded", "failed"] = Field(
+        description="a queued or running job whose updated_at is older than 6 heartbeats reads as failed (lost)"
+    )
+    done: int = Field(description="texts predicted so far")
+    total: int
+    created_at: float
+    updated_at: float = Field(description="last progress or heartbeat (every CODELEN_PREDICTION_HEARTBEAT_S)")
+    error: str | None = Field(default=None, description="only when failed")
+    predictions: list[PredictionOut] | None = Field(default=None, description="only when succeeded, in input order")

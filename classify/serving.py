@@ -5,11 +5,17 @@ class contexts, zstd dictionaries, C(t) of kNN examples) are a small per-process
 from the definition when missing, so any API process can answer for any classifier. Fitting and
 prediction run in a worker thread (they block on the model), one prediction per classifier at
 a time. Predictions run in the API process on the registry's compressors, in both modes.
+
+Prediction jobs (POST /v1/classifiers/{id}/predictions) run the same prediction as an asyncio task
+of the API process, PREDICTION_CHUNK texts per worker-thread call, writing progress to the store
+after each chunk and a heartbeat (updated_at) every `prediction_heartbeat_s` while a chunk runs;
+a queued or running job whose heartbeat stopped reads as failed (`job_as_seen`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import uuid
@@ -27,6 +33,13 @@ from codelen.datasets import DatasetError, check_record
 from codelen.settings import Settings
 from models.protocol import TokenizationError
 from models.registry import Registry, UnknownModel
+
+log = logging.getLogger("codelen.classify")
+
+PREDICTION_CHUNK = 16  # texts per worker-thread call of a prediction job (progress is written after each)
+STALE_HEARTBEATS = 6  # a queued/running job not refreshed for this many heartbeats lost its process
+LOST = "the process running this prediction stopped (restart or crash); submit the texts again"
+SHUTDOWN = "the service shut down while running this prediction; submit the texts again"
 
 
 class NotFound(LookupError):
@@ -64,6 +77,15 @@ def public(record: dict) -> dict:
     }
 
 
+def job_as_seen(record: dict, now: float, heartbeat_s: float) -> dict:
+    """A prediction job as GET reports it. A running job refreshes `updated_at` every heartbeat,
+    so a queued or running one older than STALE_HEARTBEATS heartbeats has lost the process that ran
+    it (restart, crash): it reads as failed. Pure: the stored record is not changed."""
+    if record["status"] in ("queued", "running") and now - record["updated_at"] > STALE_HEARTBEATS * heartbeat_s:
+        return {**record, "status": "failed", "error": LOST}
+    return record
+
+
 def segments_needed(clf: Classifier, n_texts: int) -> int:
     """Code lengths a prediction of n_texts costs (the unit of the max_predict_segments limit)."""
     if isinstance(clf, KnnClassifier):
@@ -82,6 +104,7 @@ class ClassifierService:
     def __init__(self, settings: Settings, registry: Registry, store: ClassifierStore) -> None:
         self.settings, self.registry, self.store = settings, registry, store
         self._fitted: OrderedDict[str, Fitted] = OrderedDict()
+        self._tasks: set[asyncio.Task] = set()  # running prediction jobs (a reference keeps each alive)
 
     def _check_text(self, text: str, pointer: str) -> int:
         try:
@@ -90,6 +113,12 @@ class ClassifierService:
             if exc.too_large:
                 raise TooLarge(f"{pointer}: {exc}") from None
             raise Invalid(f"{pointer}: {exc}", pointer) from None
+
+    def _check_texts(self, texts: list[str], limit: int, where: str) -> None:
+        if len(texts) > limit:
+            raise TooLarge(f"{len(texts)} texts; at most {limit} {where}")
+        for i, t in enumerate(texts):
+            self._check_text(t, f"/texts/{i}")
 
     async def create(self, model: str | None, method: str, examples: list[dict], options: dict) -> dict:
         s = self.settings
@@ -150,10 +179,7 @@ class ClassifierService:
 
     async def predict(self, classifier_id: str, texts: list[str]) -> dict:
         s = self.settings
-        if len(texts) > s.max_predict_texts:
-            raise TooLarge(f"{len(texts)} texts; at most {s.max_predict_texts} per request")
-        for i, t in enumerate(texts):
-            self._check_text(t, f"/texts/{i}")
+        self._check_texts(texts, s.max_predict_texts, "per request")
         record = await self.get(classifier_id)
         fitted = await self._fit(record)
         needed = segments_needed(fitted.classifier, len(texts))
@@ -178,5 +204,90 @@ class ClassifierService:
             "predictions": [p.as_dict() for p in predictions],
         }
 
+    async def submit_prediction(self, classifier_id: str, texts: list[str]) -> dict:
+        """Validate everything first (bad input never becomes a failed job), store the job as
+        queued, start it in the background and return the record."""
+        self._check_texts(texts, self.settings.max_prediction_job_texts, "per prediction job")
+        definition = await self.get(classifier_id)
+        now = time.time()
+        job = {
+            "id": uuid.uuid4().hex,
+            "classifier": classifier_id,
+            "status": "queued",
+            "done": 0,
+            "total": len(texts),
+            "created_at": now,
+            "updated_at": now,
+        }
+        await self.store.put_job(job)
+        runner = self._run_prediction(definition, dict(job), list(texts))
+        task = asyncio.create_task(runner, name=f"predict-{job['id']}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return job
 
-__all__ = ["ClassifierService", "Invalid", "NotFound", "TooLarge", "UnknownModel", "public"]
+    async def get_prediction(self, classifier_id: str, job_id: str) -> dict:
+        job = await self.store.get_job(job_id)
+        if job is None or job.get("classifier") != classifier_id:
+            raise NotFound(f"no prediction job {job_id!r} of classifier {classifier_id!r} (unknown or expired)")
+        return job_as_seen(job, time.time(), self.settings.prediction_heartbeat_s)
+
+    async def _run_prediction(self, definition: dict, job: dict, texts: list[str]) -> None:
+        heartbeat = self.settings.prediction_heartbeat_s
+
+        async def save(**changes: object) -> None:
+            job.update(changes, updated_at=time.time())
+            await self.store.put_job(job)
+
+        async def beating(awaitable):
+            """Await it, refreshing updated_at every heartbeat however long it takes."""
+            future = asyncio.ensure_future(awaitable)
+            try:
+                while not (await asyncio.wait({future}, timeout=heartbeat))[0]:
+                    await save()
+                return future.result()
+            finally:
+                future.cancel()  # no-op when done; a thread already running finishes on its own
+
+        where = "while fitting the classifier"
+        try:
+            await save(status="running")
+            fitted = await beating(self._fit(definition))
+            predictions: list[dict] = []
+            for start in range(0, len(texts), PREDICTION_CHUNK):
+                chunk = texts[start : start + PREDICTION_CHUNK]
+                where = f"on texts {start}..{start + len(chunk) - 1}"
+
+                def run(chunk: list[str] = chunk) -> list[Prediction]:
+                    with fitted.lock:
+                        return fitted.classifier.predict(chunk)
+
+                got = await beating(asyncio.to_thread(run))
+                if len(got) != len(chunk):
+                    raise RuntimeError(f"{len(got)} predictions for {len(chunk)} texts")
+                predictions.extend(p.as_dict() for p in got)
+                await save(done=len(predictions))
+            await save(status="succeeded", predictions=predictions)
+        except asyncio.CancelledError:
+            await self._fail(job, SHUTDOWN)
+            raise
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, TokenizationError | Invalid) else f"{type(exc).__name__}: {exc}"
+            log.warning("prediction job %s failed %s: %s", job["id"], where, reason, exc_info=True)
+            await self._fail(job, f"prediction failed {where}: {reason}")
+
+    async def _fail(self, job: dict, error: str) -> None:
+        job.update(status="failed", error=error, updated_at=time.time())
+        try:
+            await self.store.put_job(job)
+        except Exception:  # the store is gone too: the stale rule reports the job as lost
+            log.exception("could not record the failure of prediction job %s", job["id"])
+
+    async def aclose(self) -> None:
+        """At shutdown: stop the running prediction jobs, recording them as failed."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+__all__ = ["ClassifierService", "Invalid", "NotFound", "TooLarge", "UnknownModel", "job_as_seen", "public"]

@@ -91,3 +91,8 @@ def rate_limit(key_digest: str) -> str:
 def classifier(classifier_id: str) -> str:
     """A classifier's definition (method, model, options, examples) as JSON; not evictable state."""
     return f"{QUEUE}:clf:{classifier_id}"
+
+
+def classifier_prediction(job_id: str) -> str:
+    """A prediction job of a classifier as JSON (status, progress, predictions when done); expires."""
+    return f"{QUEUE}:clfpred:{job_id}"

@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     max_predict_segments: int = 1_000_000  # code lengths one predict request may need (knn: texts x examples)
     classifier_ttl_s: int = 90 * 24 * 3600  # Redis: a classifier unused this long expires
     fitted_classifiers: int = 8  # fitted classifiers (dictionaries, encoded contexts) kept per process
+    # Prediction jobs (POST /v1/classifiers/{id}/predictions): run in the API process, 16 texts a step
+    max_prediction_job_texts: int = 100_000  # texts per prediction job (413 above)
+    max_prediction_jobs: int = 1_000  # embedded: job records (with predictions) kept, least recently used dropped
+    prediction_job_ttl_s: int = 7 * 24 * 3600  # Redis: a job record (with its predictions) expires after this
+    # A running job refreshes updated_at this often; one not refreshed for 6x this reads as failed (lost).
+    prediction_heartbeat_s: float = 10.0
 
     # Behaviour
     score_wait_s: float = 60.0  # /v1/score waits this long, then answers 202 with a job

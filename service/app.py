@@ -47,6 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         preload = asyncio.create_task(_preload(registry, settings))
         yield
         preload.cancel()
+        await app.state.classifiers.aclose()  # running prediction jobs: recorded as failed
         await backend.stop()
         await app.state.classifiers.store.close()
 

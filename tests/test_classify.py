@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import random
+import time
 from collections import Counter
 
 import httpx
 import pytest
 
 from classify import build
-from classify.base import combine_bits, posterior
+from classify.base import Prediction, combine_bits, posterior
 from classify.data import Example, load_examples, split
 from classify.evaluate import scores
 from classify.knn import KnnOptions, vote
 from classify.methods import MethodError, resolve_model
+from classify.serving import LOST, SHUTDOWN, ClassifierService, Fitted, job_as_seen
+from classify.store import MemoryStore
+from codelen import keys
 from codelen.cli import main as codelen_main
 from models.classical import ClassicalCompressor
-from models.protocol import Segment
+from models.protocol import Segment, TokenizationError
+from tests import redis_support
 from tests.conftest import fast_settings, serve
+from tests.redis_support import distributed_settings
 
 VOCAB = {
     "sport": "match goal team coach season league striker referee stadium win cup final players score".split(),
@@ -454,3 +461,184 @@ def test_knn_lm_needs_a_language_model() -> None:
         resolve_model("knn-lm", "gzip", "smollm2-135m")
     with pytest.raises(MethodError, match="needs a language model"):
         build("knn-lm", lambda: ClassicalCompressor("zstd"), ["a b", "c d"], ["x", "y"])
+
+
+# -- prediction jobs -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def jobs_api():
+    settings = fast_settings(max_predict_texts=4, max_prediction_job_texts=40)
+    with serve(settings) as url, httpx.Client(base_url=url, timeout=60) as client:
+        yield client
+
+
+def gzip_classifier(client: httpx.Client) -> str:
+    examples = [{"text": e.text, "label": e.label} for e in TRAIN]
+    r = client.post("/v1/classifiers", json={"model": "gzip", "method": "conditional", "examples": examples})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def wait_prediction(client: httpx.Client, location: str, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    job: dict = {}
+    while time.monotonic() < deadline:
+        r = client.get(location)
+        assert r.status_code == 200, r.text
+        job = r.json()
+        if job["status"] in ("succeeded", "failed"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"prediction job did not finish: {job}")
+
+
+def test_prediction_job_equals_sync_predict(jobs_api: httpx.Client) -> None:
+    cid = gzip_classifier(jobs_api)
+    texts = [e.text for e in TEST[:10]]
+    r = jobs_api.post(f"/v1/classifiers/{cid}/predictions", json={"texts": texts})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert r.headers["location"] == f"/v1/classifiers/{cid}/predictions/{job['id']}"
+    assert job["classifier"] == cid and job["status"] == "queued" and (job["done"], job["total"]) == (0, 10)
+    assert job["updated_at"] >= job["created_at"] > 0
+    done = wait_prediction(jobs_api, r.headers["location"])
+    assert done["status"] == "succeeded", done
+    assert done["done"] == done["total"] == 10 and "error" not in done
+    sync = []
+    for i in range(0, len(texts), 4):  # the sync path takes at most 4 texts here
+        s = jobs_api.post(f"/v1/classifiers/{cid}/predict", json={"texts": texts[i : i + 4]})
+        assert s.status_code == 200, s.text
+        sync += s.json()["predictions"]
+    assert done["predictions"] == sync
+    assert [p["label"] for p in done["predictions"]] == [e.label for e in TEST[:10]]
+
+
+def test_prediction_job_above_the_sync_limit(jobs_api: httpx.Client) -> None:
+    cid = gzip_classifier(jobs_api)
+    texts = [e.text for e in synthetic(11, seed=9)]  # 33 texts: 3 chunks, the last one partial
+    assert jobs_api.post(f"/v1/classifiers/{cid}/predict", json={"texts": texts}).status_code == 413
+    r = jobs_api.post(f"/v1/classifiers/{cid}/predictions", json={"texts": texts})
+    assert r.status_code == 202, r.text
+    done = wait_prediction(jobs_api, r.headers["location"])
+    assert done["status"] == "succeeded" and done["done"] == done["total"] == 33
+    assert len(done["predictions"]) == 33
+    assert sum(p["label"] == e.label for p, e in zip(done["predictions"], synthetic(11, seed=9), strict=True)) >= 30
+
+
+def test_prediction_job_errors(jobs_api: httpx.Client) -> None:
+    cid = gzip_classifier(jobs_api)
+
+    def submit(body: object, classifier: str = cid) -> httpx.Response:
+        r = jobs_api.post(f"/v1/classifiers/{classifier}/predictions", json=body)
+        assert r.headers["content-type"] == "application/problem+json", r.text
+        return r
+
+    assert submit({"texts": ["a b"]}, classifier="no-such-classifier").status_code == 404
+    for bad in ({"texts": []}, {"texts": "not a list"}, {"texts": ["ok", "a\x00b"]}, {"texts": ["a\x1eb"]}):
+        r = submit(bad)
+        assert r.status_code == 422, (bad, r.text)
+    assert submit({"texts": ["ok", "a\x1eb"]}).json()["pointer"] == "/texts/1"
+    assert submit({"texts": ["t"] * 41}).status_code == 413
+    r = jobs_api.get(f"/v1/classifiers/{cid}/predictions/no-such-job")
+    assert r.status_code == 404 and r.headers["content-type"] == "application/problem+json"
+    # a job is found only under its own classifier
+    other = gzip_classifier(jobs_api)
+    job = jobs_api.post(f"/v1/classifiers/{cid}/predictions", json={"texts": ["a b"]}).json()
+    assert jobs_api.get(f"/v1/classifiers/{other}/predictions/{job['id']}").status_code == 404
+    assert wait_prediction(jobs_api, f"/v1/classifiers/{cid}/predictions/{job['id']}")["status"] == "succeeded"
+
+
+def test_a_job_whose_heartbeat_stopped_reads_as_failed() -> None:
+    now = 1_000_000.0
+    record = {"id": "j", "classifier": "c", "status": "running", "done": 16, "total": 64, "created_at": now - 500}
+    stale = job_as_seen({**record, "updated_at": now - 61}, now, heartbeat_s=10)
+    assert stale["status"] == "failed" and stale["error"] == LOST and stale["done"] == 16
+    assert job_as_seen({**record, "status": "queued", "updated_at": now - 61}, now, 10)["status"] == "failed"
+    fresh = {**record, "updated_at": now - 59}
+    assert job_as_seen(fresh, now, heartbeat_s=10) == fresh
+    finished = {**record, "status": "succeeded", "done": 64, "updated_at": now - 10_000, "predictions": []}
+    assert job_as_seen(finished, now, heartbeat_s=10) == finished
+    assert record["status"] == "running" and "error" not in record  # pure: the input is not changed
+
+
+class _SlowOrFailing:
+    """A fitted classifier that sleeps per call and raises TokenizationError on one text."""
+
+    labels = ["a", "b"]
+
+    def __init__(self, sleep_s: float, bad: str | None = None) -> None:
+        self.sleep_s, self.bad = sleep_s, bad
+
+    def predict(self, texts):
+        time.sleep(self.sleep_s)
+        if self.bad in texts:
+            raise TokenizationError("the tokenizer does not round-trip this text")
+        return [Prediction("a", {"a": 1.0, "b": 0.0}) for _ in texts]
+
+
+def _service_with(classifier) -> ClassifierService:
+    service = ClassifierService(fast_settings(prediction_heartbeat_s=0.05), None, MemoryStore(10, 10))
+    service._fitted["c"] = Fitted(classifier)
+    return service
+
+
+async def _poll(service: ClassifierService, job_id: str, until, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = await service.get_prediction("c", job_id)
+        if until(job):
+            return job
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"prediction job never reached the state: {job}")
+
+
+def test_a_failing_chunk_fails_the_job_with_its_text_range() -> None:
+    async def scenario() -> dict:
+        service = _service_with(_SlowOrFailing(0.0, bad="bad"))
+        await service.store.put({"id": "c"})
+        texts = ["fine"] * 20 + ["bad"] + ["fine"] * 5
+        job = await service.submit_prediction("c", texts)
+        done = await _poll(service, job["id"], lambda j: j["status"] in ("succeeded", "failed"))
+        await service.aclose()
+        return done
+
+    job = asyncio.run(scenario())
+    assert job["status"] == "failed" and job["done"] == 16 and "predictions" not in job
+    assert job["error"].startswith("prediction failed on texts 16..25: ") and "round-trip" in job["error"]
+
+
+def test_a_running_job_beats_while_a_chunk_runs_and_shutdown_fails_it() -> None:
+    async def scenario() -> tuple[dict, dict, dict]:
+        service = _service_with(_SlowOrFailing(1.0))
+        await service.store.put({"id": "c"})
+        job = await service.submit_prediction("c", ["x"] * 40)
+        first = await _poll(service, job["id"], lambda j: j["status"] == "running")
+        later = await _poll(service, job["id"], lambda j: j["updated_at"] > first["updated_at"] + 0.1)
+        await service.aclose()
+        return first, later, await service.store.get_job(job["id"])
+
+    first, later, closed = asyncio.run(scenario())
+    assert later["status"] == "running" and later["done"] == 0  # the heartbeat, not progress, moved it
+    assert closed["status"] == "failed" and closed["error"] == SHUTDOWN
+
+
+# the real redis-server of the distributed-mode tests, for one prediction job in that mode
+redis_server, redis_url = redis_support.redis_server, redis_support.redis_url
+
+
+@pytest.mark.redis
+def test_prediction_job_in_distributed_mode(redis_url: str) -> None:
+    import redis
+
+    with serve(distributed_settings(redis_url)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        cid = gzip_classifier(client)
+        texts = [e.text for e in TEST]
+        r = client.post(f"/v1/classifiers/{cid}/predictions", json={"texts": texts})
+        assert r.status_code == 202, r.text
+        done = wait_prediction(client, r.headers["location"])
+        assert done["status"] == "succeeded" and done["done"] == done["total"] == len(TEST)
+        assert [p["label"] for p in done["predictions"]] == [e.label for e in TEST]
+    with redis.Redis.from_url(redis_url) as r:
+        key = keys.classifier_prediction(done["id"])
+        assert json.loads(r.get(key))["status"] == "succeeded" and 0 < r.ttl(key) <= 7 * 24 * 3600

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from classify.schemas import ClassifierInfo, ClassifierRequest, PredictRequest, PredictResponse
+from classify.schemas import ClassifierInfo, ClassifierRequest, PredictionJob, PredictRequest, PredictResponse
 from classify.serving import ClassifierService, Invalid, NotFound, TooLarge, UnknownModel, public
 from service.problems import Problem, problem_schema
 
@@ -47,6 +47,29 @@ async def get(classifier_id: str, request: Request) -> dict:
 )
 async def predict(classifier_id: str, body: PredictRequest, request: Request) -> dict:
     return await _call(request, _service(request).predict(classifier_id, body.texts))
+
+
+@router.post(
+    "/v1/classifiers/{classifier_id}/predictions",
+    status_code=202,
+    response_model=PredictionJob,
+    responses=problem_schema(404, 413, 422),
+)
+async def submit_prediction(classifier_id: str, body: PredictRequest, request: Request) -> JSONResponse:
+    """Predict many texts as a job: 202 now, then poll the Location until succeeded or failed."""
+    job = await _call(request, _service(request).submit_prediction(classifier_id, body.texts))
+    location = f"/v1/classifiers/{classifier_id}/predictions/{job['id']}"
+    return JSONResponse(job, status_code=202, headers={"Location": location})
+
+
+@router.get(
+    "/v1/classifiers/{classifier_id}/predictions/{job_id}",
+    response_model=PredictionJob,
+    responses=problem_schema(404),
+)
+async def get_prediction(classifier_id: str, job_id: str, request: Request) -> JSONResponse:
+    # a plain JSONResponse: `error` and `predictions` appear only when they apply
+    return JSONResponse(await _call(request, _service(request).get_prediction(classifier_id, job_id)))
 
 
 @router.delete("/v1/classifiers/{classifier_id}", response_model=ClassifierInfo, responses=problem_schema(404))
