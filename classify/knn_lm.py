@@ -38,6 +38,7 @@ from models.protocol import Symbols
 
 TEXTS_PER_CALL = 64
 _MEDIAN_SAMPLE = 2048  # states drawn (seeded) to measure the median squared distance
+_DISTANCE_ELEMENTS = 1 << 24  # query rows × keys per distance matrix (64 MiB of fp32): long texts go in chunks
 
 
 @runtime_checkable
@@ -85,7 +86,9 @@ class KnnLmClassifier:
             for t in order:
                 ids = compressor.encode(t)  # raises TokenizationError on text the model cannot code
                 if used + len(ids) > budget:
-                    continue
+                    if used:
+                        continue
+                    ids = ids[:budget]  # a label's memory is never empty: keep the start of its first example
                 kept.append((lab, ids))
                 used += len(ids)
             self.memory_tokens[lab] = used
@@ -151,9 +154,11 @@ class KnnLmClassifier:
             p_mem = torch.zeros(len(ids), dtype=torch.float64)
             if len(ids) and len(keys):
                 k = min(self.opts.k, len(keys))
-                dist, nearest = (torch.cdist(query, keys) ** 2).topk(k, dim=1, largest=False)
-                weights = torch.softmax(-dist.double() / self.temperature, dim=1)
-                p_mem = (weights * (values[nearest] == ids[:, None])).sum(1)
+                rows = max(1, _DISTANCE_ELEMENTS // len(keys))  # fixed per classifier: same chunks for a text
+                for a in range(0, len(ids), rows):
+                    dist, nearest = (torch.cdist(query[a : a + rows], keys) ** 2).topk(k, dim=1, largest=False)
+                    weights = torch.softmax(-dist.double() / self.temperature, dim=1)
+                    p_mem[a : a + rows] = (weights * (values[nearest] == ids[a : a + rows, None])).sum(1)
             result[lab] = float(-torch.log2((1 - lam) * p_lm + lam * p_mem).sum())
         return result
 

@@ -456,6 +456,20 @@ def test_knn_lm_memory_budget_keeps_whole_examples(tiny) -> None:
         assert clf.memory_tokens[lab] > 200 - sizes[-1]  # filled until the next example would not fit
 
 
+def test_knn_lm_long_texts_and_a_tiny_memory(tiny, monkeypatch) -> None:
+    """A label whose examples all exceed its share of the memory keeps the start of one; a long
+    text's distances run in row chunks with the same bits as in one piece (to float rounding)."""
+    import classify.knn_lm as knn_lm
+
+    texts, labels = [e.text for e in TRAIN], [e.label for e in TRAIN]
+    clf = build("knn-lm", lambda: tiny, texts, labels, {"max_memory_tokens": 3 * 20, "classical_weight": 0})
+    assert all(clf.memory_tokens[lab] == 20 == len(clf.values[lab]) for lab in VOCAB)
+    long_text = " ".join(e.text for e in TEST[:3])
+    whole = clf.predict([long_text])[0].bits
+    monkeypatch.setattr(knn_lm, "_DISTANCE_ELEMENTS", 7 * 20)  # 7 query rows per chunk
+    assert clf.predict([long_text])[0].bits == pytest.approx(whole, rel=1e-6)  # float rounding of cdist
+
+
 def test_knn_lm_needs_a_language_model() -> None:
     with pytest.raises(MethodError, match="needs a language model"):
         resolve_model("knn-lm", "gzip", "smollm2-135m")
