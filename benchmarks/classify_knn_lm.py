@@ -54,7 +54,7 @@ def main() -> int:
     examples = load_examples(args.data, text_col=args.text_col)
     test_examples = load_examples(args.test_data, text_col=args.text_col) if args.test_data else None
     sp = split(examples, args.train_per_class, args.test_per_class, args.seed, test_examples)
-    lm = fast_lm(args.model) if args.fast_engine else Registry(Settings(models=args.model)).get(args.model)
+    lm = fast_lm(args.model) if args.fast_engine else Registry(Settings(models=args.model, preload="")).get(args.model)
     train_texts, train_labels = [e.text for e in sp.train], [e.label for e in sp.train]
     texts, truth = [e.text for e in sp.test], [e.label for e in sp.test]
 
