@@ -71,8 +71,6 @@ class KnnLmOptions(BaseModel):
 
 class KnnLmClassifier:
     def __init__(self, compressor: StateCompressor, data: LabeledData, opts: KnnLmOptions) -> None:
-        if not isinstance(compressor, StateCompressor):
-            raise TypeError("knn-lm needs a language model (a compressor with token states)")
         self.compressor, self.data, self.opts = compressor, data, opts
         self.labels = data.classes
         rng = random.Random(opts.seed)
@@ -92,20 +90,17 @@ class KnnLmClassifier:
                 kept.append((lab, ids))
                 used += len(ids)
             self.memory_tokens[lab] = used
-        states = self._states([ids for _, ids in kept])
-        everything = torch.cat([h for _, h in states]) if states else torch.zeros(0, 1)
-        self._mean = everything.mean(0) if len(everything) else torch.zeros(everything.shape[1])
+        # Every label keeps at least one token (examples are non-empty), so nothing below is empty.
+        states = [h for _, h in self._states([ids for _, ids in kept])]
+        everything = torch.cat(states)
+        self._mean = everything.mean(0)
         self._scale = everything.std(0) + 1e-3 if len(everything) > 1 else torch.ones(everything.shape[1])
         self.keys: dict[str, torch.Tensor] = {}
         self.values: dict[str, torch.Tensor] = {}
         for lab in self.labels:
-            rows = [
-                (self._standard(h), torch.tensor(ids, dtype=torch.long))
-                for (lb, ids), (_, h) in zip(kept, states, strict=True)
-                if lb == lab
-            ]
-            self.keys[lab] = torch.cat([k for k, _ in rows]) if rows else torch.zeros(0, everything.shape[1])
-            self.values[lab] = torch.cat([v for _, v in rows]) if rows else torch.zeros(0, dtype=torch.long)
+            mine = [(h, ids) for (lb, ids), h in zip(kept, states, strict=True) if lb == lab]
+            self.keys[lab] = self._standard(torch.cat([h for h, _ in mine]))
+            self.values[lab] = torch.tensor([t for _, ids in mine for t in ids], dtype=torch.long)
         self.temperature = opts.temperature * self._median_distance(everything, rng)
         self.classical: ConditionalClassifier | None = None
         if opts.classical_weight > 0:

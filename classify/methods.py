@@ -11,7 +11,7 @@ from classify.base import Classifier, LabeledData
 from classify.conditional import ConditionalClassifier, ConditionalOptions
 from classify.fusion import FusionClassifier, FusionOptions
 from classify.knn import KnnClassifier, KnnOptions
-from classify.knn_lm import KnnLmClassifier, KnnLmOptions
+from classify.knn_lm import KnnLmClassifier, KnnLmOptions, StateCompressor
 from classify.zstd_dict import ZstdDictClassifier, ZstdDictOptions
 from models.classical import CODECS
 from models.protocol import Compressor
@@ -104,7 +104,7 @@ def build(
         return FusionClassifier(compressor(), data, opts)  # type: ignore[arg-type]
     if name == "knn-lm":
         c = compressor()
-        if not hasattr(c, "token_states"):
+        if not isinstance(c, StateCompressor):
             raise MethodError(f"method {name!r} needs a language model, not {c.info.id!r}")
         return KnnLmClassifier(c, data, opts)  # type: ignore[arg-type]
     raise MethodError(f"unknown method {name!r}")
