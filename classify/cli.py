@@ -155,6 +155,9 @@ def _print(doc: dict, reports: list) -> None:
             f"{d['ms_per_text']:8.1f}"
         )
     for r in reports:
+        if r.fitted:
+            print(f"{r.method} fitted: {json.dumps(r.fitted)}")
+    for r in reports:
         print(f"\nconfusion matrix, {r.method} ({r.model}): rows true, columns predicted")
         width = max(6, *(len(lab) for lab in r.labels))
         print(" " * width + " " + " ".join(f"{lab[:width]:>{width}}" for lab in r.labels))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from classify.data import Split
 from classify.methods import build
@@ -24,6 +24,7 @@ class Report:
     n_test: int
     fit_s: float
     predict_s: float
+    fitted: dict = field(default_factory=dict)  # what the fit chose, e.g. probe's weight decay
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -39,7 +40,7 @@ class Report:
             "fit_s": round(self.fit_s, 3),
             "predict_s": round(self.predict_s, 3),
             "ms_per_text": round(1000 * self.predict_s / max(self.n_test, 1), 2),
-        }
+        } | ({"fitted": self.fitted} if self.fitted else {})
 
 
 def scores(
@@ -97,4 +98,5 @@ def evaluate(
         len(split.test),
         fit_s,
         predict_s,
+        clf.fitted() if hasattr(clf, "fitted") else {},
     )

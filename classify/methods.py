@@ -12,6 +12,7 @@ from classify.conditional import ConditionalClassifier, ConditionalOptions
 from classify.fusion import FusionClassifier, FusionOptions
 from classify.knn import KnnClassifier, KnnOptions
 from classify.knn_lm import KnnLmClassifier, KnnLmOptions, StateCompressor
+from classify.probe import ProbeClassifier, ProbeOptions
 from classify.zstd_dict import ZstdDictClassifier, ZstdDictOptions
 from models.classical import CODECS
 from models.protocol import Compressor
@@ -45,8 +46,16 @@ METHODS = {
             "knn-lm",
             KnnLmOptions,
             None,
-            "recommended with an LM: the LM mixed with a token memory of each label's examples (kNN-LM), "
+            "C(x | label): the LM mixed with a token memory of each label's examples (kNN-LM), "
             "+ gzip on the class corpus; one LM pass per text",
+            needs_lm=True,
+        ),
+        Method(
+            "probe",
+            ProbeOptions,
+            None,
+            "recommended with an LM: C(label | x) under a linear coder of the label over the LM's mean state, "
+            "trained on the examples; one LM pass per text",
             needs_lm=True,
         ),
         Method("gzip-knn", KnnOptions, "gzip", "baseline: kNN over gzip NCD (npc_gzip, fair ties)"),
@@ -102,9 +111,11 @@ def build(
         return ConditionalClassifier(compressor(), data, opts)  # type: ignore[arg-type]
     if name == "fusion":
         return FusionClassifier(compressor(), data, opts)  # type: ignore[arg-type]
-    if name == "knn-lm":
+    if name in ("knn-lm", "probe"):
         c = compressor()
         if not isinstance(c, StateCompressor):
             raise MethodError(f"method {name!r} needs a language model, not {c.info.id!r}")
+        if name == "probe":
+            return ProbeClassifier(c, data, opts)  # type: ignore[arg-type]
         return KnnLmClassifier(c, data, opts)  # type: ignore[arg-type]
     raise MethodError(f"unknown method {name!r}")

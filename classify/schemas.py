@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
-MethodName = Literal["conditional", "fusion", "knn-lm", "knn", "gzip-knn", "zstd-dict"]
+MethodName = Literal["conditional", "fusion", "probe", "knn-lm", "knn", "gzip-knn", "zstd-dict"]
 Label = Annotated[StrictStr, Field(min_length=1, max_length=256)]
 
 
@@ -24,7 +24,8 @@ class ClassifierRequest(_Strict):
     method: MethodName = Field(
         default="conditional",
         description=(
-            "conditional: argmin C(x | label's data); knn-lm (recommended with an LM): the LM mixed with a token "
+            "conditional: argmin C(x | label's data); probe (recommended with an LM): C(label | x) under a linear "
+            "coder over the LM's mean state, trained on the examples; knn-lm: the LM mixed with a token "
             "memory of each label's examples, + gzip on the class corpus; fusion: the LM on each label's nearest "
             "examples + gzip; knn: NCD kNN; gzip-knn, zstd-dict: classical baselines"
         ),
@@ -52,7 +53,7 @@ class PredictionOut(BaseModel):
     label: str
     scores: dict[str, float] = Field(description="a distribution over labels: vote shares (knn), else p ∝ 2^-bits")
     bits: dict[str, float] | None = Field(
-        default=None, description="C(x | label's data) in bits (saving if unconditional)"
+        default=None, description="C(x | label's data) in bits (saving if unconditional); for probe C(label | x)"
     )
 
 

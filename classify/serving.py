@@ -28,6 +28,7 @@ from classify.fusion import FusionClassifier
 from classify.knn import KnnClassifier
 from classify.knn_lm import KnnLmClassifier
 from classify.methods import MethodError, build, parse_options, resolve_model
+from classify.probe import ProbeClassifier
 from classify.store import ClassifierStore
 from codelen.datasets import DatasetError, check_record
 from codelen.settings import Settings
@@ -97,6 +98,8 @@ def segments_needed(clf: Classifier, n_texts: int) -> int:
         return n_texts * (per_text + int(clf.opts.unconditional))
     if isinstance(clf, FusionClassifier | KnnLmClassifier):
         return n_texts * clf.segments_per_text()
+    if isinstance(clf, ProbeClassifier):
+        return n_texts  # one LM pass per text
     return n_texts * len(clf.labels)
 
 

@@ -11,6 +11,7 @@ from collections import Counter
 
 import httpx
 import pytest
+import torch
 
 from classify import build
 from classify.base import Prediction, combine_bits, posterior
@@ -404,6 +405,13 @@ def test_eval_cli(tmp_path, capsys) -> None:
     assert codelen_main([*fusion, "--option", "weight=0.5", "--json", "--quiet"]) == 0
     (result,) = json.loads(capsys.readouterr().out)["results"]
     assert result["method"] == "fusion" and result["options"]["weight"] == 0.5 and result["accuracy"] >= 0.8
+    probe = ["eval", "--data", str(data), "--method", "probe", "--model", "tiny-random", "--test-per-class", "3"]
+    assert codelen_main([*probe, "--option", "folds=3", "--json", "--quiet"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)["results"]
+    fitted = result["fitted"]  # what cross-validation chose is in the report
+    assert str(fitted["weight_decay"]) in fitted["cv_accuracy"] and len(fitted["cv_accuracy"]) == 6
+    assert codelen_main([*probe, "--option", "weight_decay=0.5", "--quiet"]) == 0
+    assert 'probe fitted: {"weight_decay": 0.5}' in capsys.readouterr().out
 
 
 # -- knn-lm --------------------------------------------------------------------------------
@@ -475,6 +483,81 @@ def test_knn_lm_needs_a_language_model() -> None:
         resolve_model("knn-lm", "gzip", "smollm2-135m")
     with pytest.raises(MethodError, match="needs a language model"):
         build("knn-lm", lambda: ClassicalCompressor("zstd"), ["a b", "c d"], ["x", "y"])
+
+
+# -- probe ---------------------------------------------------------------------------------
+
+
+def test_probe_bits_are_the_label_code_length_of_a_fitted_linear_coder(tiny) -> None:
+    """C(y | x) = -log2 softmax(W·z + b)_y, z the standardized mean state of x, (W, b) the
+    penalized logistic regression on the examples: refit here from the engine's own states."""
+    from classify.probe import fit_linear
+
+    texts, labels = [e.text for e in TRAIN], [e.label for e in TRAIN]
+    clf = build("probe", lambda: tiny, texts, labels, {"weight_decay": 0.1})
+    assert clf.weight_decay == 0.1 and clf.cv_accuracy == {}
+
+    def mean_state(t: str) -> torch.Tensor:
+        ((_, states),) = tiny.token_states([tiny.encode(t)])
+        return states.double().mean(0)
+
+    raw = torch.stack([mean_state(t) for t in texts])
+    z = (raw - raw.mean(0)) / (raw.std(0) + 1e-3)
+    y = torch.tensor([sorted(VOCAB).index(lab) for lab in labels])
+    w, b = fit_linear(z, y, 3, 0.1, 200)
+    x = TEST[0].text
+    logits = ((mean_state(x) - raw.mean(0)) / (raw.std(0) + 1e-3)) @ w + b
+    expected = (-torch.log_softmax(logits, 0) / math.log(2)).tolist()
+    (pred,) = clf.predict([x])
+    assert [pred.bits[lab] for lab in sorted(VOCAB)] == pytest.approx(expected, abs=1e-6)
+    assert sum(2.0**-b for b in pred.bits.values()) == pytest.approx(1.0)  # a code for the label
+    assert pred.scores == pytest.approx({lab: 2.0**-b for lab, b in pred.bits.items()})
+
+
+def test_probe_beats_chance_with_random_weights_and_is_batch_independent(tiny) -> None:
+    clf = build("probe", lambda: tiny, [e.text for e in TRAIN], [e.label for e in TRAIN])
+    texts = [e.text for e in TEST]
+    preds = clf.predict(texts)
+    # The tiny model's weights are random: its mean state carries the words only by accident, so
+    # this asks for well above chance (1/3); test_e2e_real_model asks a real model for more.
+    assert sum(p.label == e.label for p, e in zip(preds, TEST, strict=True)) / len(TEST) >= 0.6
+    assert [clf.predict([t])[0] for t in texts[:4]] == preds[:4]
+
+
+def test_probe_weight_decay_by_cross_validation_on_the_examples(tiny) -> None:
+    from classify.probe import WEIGHT_DECAYS
+
+    texts, labels = [e.text for e in TRAIN], [e.label for e in TRAIN]
+    clf = build("probe", lambda: tiny, texts, labels, {"folds": 3})
+    assert set(clf.cv_accuracy) == set(WEIGHT_DECAYS)
+    best = max(clf.cv_accuracy.values())
+    assert clf.weight_decay == max(wd for wd, a in clf.cv_accuracy.items() if a == best)
+    again = build("probe", lambda: tiny, texts, labels, {"folds": 3})
+    assert again.cv_accuracy == clf.cv_accuracy  # seeded folds: the same choice in every process
+
+
+def test_probe_needs_a_language_model_and_valid_options(tiny) -> None:
+    with pytest.raises(MethodError, match="needs a language model"):
+        resolve_model("probe", "gzip", "smollm2-135m")
+    with pytest.raises(MethodError, match="needs a language model"):
+        build("probe", lambda: ClassicalCompressor("zstd"), ["a b", "c d"], ["x", "y"])
+    for bad in ({"weight_decay": -1.0}, {"weight_decay": "big"}, {"folds": 1}):
+        with pytest.raises(MethodError, match="options/"):
+            build("probe", lambda: tiny, ["a b", "c d"], ["x", "y"], bad)
+
+
+def test_probe_over_http(api: httpx.Client) -> None:
+    examples = [{"text": e.text, "label": e.label} for e in TRAIN]
+    r = api.post("/v1/classifiers", json={"model": "tiny-random", "method": "probe", "examples": examples})
+    assert r.status_code == 201, r.text
+    info = r.json()
+    assert info["method"] == "probe" and info["options"]["weight_decay"] == "auto"
+    r = api.post(f"/v1/classifiers/{info['id']}/predict", json={"texts": [e.text for e in TEST[:3]]})
+    assert r.status_code == 200, r.text
+    assert [p["label"] for p in r.json()["predictions"]] == [e.label for e in TEST[:3]]
+    bad = {"model": "tiny-random", "method": "probe", "examples": examples, "options": {"folds": 0}}
+    r = api.post("/v1/classifiers", json=bad)
+    assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json"
 
 
 # -- prediction jobs -----------------------------------------------------------------------

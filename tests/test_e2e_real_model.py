@@ -66,3 +66,52 @@ def test_real_model_end_to_end(http: httpx.Client) -> None:
 
     again = score(http, PROSE, NEAR)
     assert again["cached"] is True and again["code_lengths"] == cl  # speed-up: benchmarks/cache_speedup.py
+
+
+TOPICS = {
+    "sport": [
+        "The striker scored twice in the second half and the home side won the league match.",
+        "She served three aces in the final set to take the championship title.",
+        "The coach named an unchanged team for Saturday's cup tie against the champions.",
+        "After a rain delay the batsmen added ninety runs before the close of play.",
+        "The marathon winner crossed the line in two hours and six minutes.",
+        "The goalkeeper saved a penalty in extra time to send his club into the semi-finals.",
+    ],
+    "business": [
+        "Shares in the bank fell four percent after quarterly profits missed forecasts.",
+        "The retailer will cut two hundred jobs as online sales squeeze its margins.",
+        "Oil prices rose on Monday as traders weighed supply worries against weak demand.",
+        "The central bank left interest rates unchanged and signalled caution on inflation.",
+        "The chip maker agreed to buy its smaller rival in a deal worth three billion dollars.",
+        "Investors sold government bonds after the jobs report came in stronger than expected.",
+    ],
+    "science": [
+        "Astronomers detected water vapour in the atmosphere of a planet orbiting a distant star.",
+        "The probe sent back images of craters near the moon's south pole.",
+        "Biologists sequenced the genome of a deep-sea fish that glows in the dark.",
+        "A new telescope will map the faint light left over from the early universe.",
+        "Researchers found that the bacteria resist antibiotics by pumping the drugs out of the cell.",
+        "The rover drilled into a rock on Mars and found traces of ancient lake mud.",
+    ],
+}
+TOPIC_TESTS = [
+    ("The defender was sent off and his side lost the derby two goals to one.", "sport"),
+    ("The tennis star retired from the tournament with a wrist injury.", "sport"),
+    ("The company's stock jumped after it raised its earnings outlook for the year.", "business"),
+    ("Mortgage lenders raised their rates for the third time this quarter.", "business"),
+    ("Scientists measured gravitational waves from two colliding black holes.", "science"),
+    ("The space agency launched a satellite to study the sun's magnetic field.", "science"),
+]
+
+
+def test_real_model_probe_classifier(http: httpx.Client) -> None:
+    """POST /v1/classifiers with method probe on SmolLM2, then predict unseen texts of the topics."""
+    examples = [{"text": t, "label": lab} for lab, texts in TOPICS.items() for t in texts]
+    r = http.post("/v1/classifiers", json={"method": "probe", "examples": examples})
+    assert r.status_code == 201, r.text
+    info = r.json()
+    assert info["model"] == "smollm2-135m" and info["labels"] == sorted(TOPICS)
+    r = http.post(f"/v1/classifiers/{info['id']}/predict", json={"texts": [t for t, _ in TOPIC_TESTS]})
+    assert r.status_code == 200, r.text
+    predicted = [p["label"] for p in r.json()["predictions"]]
+    assert sum(p == lab for p, (_, lab) in zip(predicted, TOPIC_TESTS, strict=True)) >= 5, predicted
