@@ -33,6 +33,7 @@ from classify.knn_lm import StateCompressor
 
 TEXTS_PER_CALL = 64
 WEIGHT_DECAYS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+AUTO_FALLBACK = 1.0  # "auto" with a single example
 _LN2 = 0.6931471805599453
 
 
@@ -87,7 +88,9 @@ class ProbeClassifier:
         x = self._standard(raw)
         y = torch.tensor([self.labels.index(lab) for lab in data.labels])
         self.cv_accuracy: dict[float, float] = {}
-        if opts.weight_decay == "auto":
+        if opts.weight_decay == "auto" and len(y) < 2:
+            self.weight_decay = AUTO_FALLBACK  # nothing to hold out
+        elif opts.weight_decay == "auto":
             self.weight_decay = self._cross_validate(x, y)
         else:
             self.weight_decay = float(opts.weight_decay)

@@ -534,6 +534,10 @@ def test_probe_weight_decay_by_cross_validation_on_the_examples(tiny) -> None:
     assert clf.weight_decay == max(wd for wd, a in clf.cv_accuracy.items() if a == best)
     again = build("probe", lambda: tiny, texts, labels, {"folds": 3})
     assert again.cv_accuracy == clf.cv_accuracy  # seeded folds: the same choice in every process
+    one = build("probe", lambda: tiny, texts[:1], labels[:1])  # nothing to cross-validate on
+    assert one.weight_decay == 1.0 and one.predict(["anything"])[0].label == labels[0]
+    few = build("probe", lambda: tiny, texts[::12], labels[::12])  # 3 examples, 3 labels, 5 folds
+    assert len(few.predict(texts[:2])) == 2 and set(few.cv_accuracy) == set(WEIGHT_DECAYS)
 
 
 def test_probe_needs_a_language_model_and_valid_options(tiny) -> None:
