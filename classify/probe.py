@@ -32,7 +32,7 @@ from classify.base import LabeledData, Prediction, argmin_label, posterior, text
 from classify.knn_lm import StateCompressor
 
 TEXTS_PER_CALL = 64
-WEIGHT_DECAYS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+WEIGHT_DECAYS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 AUTO_FALLBACK = 1.0  # "auto" with a single example
 _LN2 = 0.6931471805599453
 

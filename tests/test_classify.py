@@ -409,7 +409,7 @@ def test_eval_cli(tmp_path, capsys) -> None:
     assert codelen_main([*probe, "--option", "folds=3", "--json", "--quiet"]) == 0
     (result,) = json.loads(capsys.readouterr().out)["results"]
     fitted = result["fitted"]  # what cross-validation chose is in the report
-    assert str(fitted["weight_decay"]) in fitted["cv_accuracy"] and len(fitted["cv_accuracy"]) == 6
+    assert str(fitted["weight_decay"]) in fitted["cv_accuracy"] and len(fitted["cv_accuracy"]) == 7
     assert codelen_main([*probe, "--option", "weight_decay=0.5", "--quiet"]) == 0
     assert 'probe fitted: {"weight_decay": 0.5}' in capsys.readouterr().out
 
