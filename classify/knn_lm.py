@@ -51,6 +51,14 @@ class StateCompressor(Protocol):
     def token_states(self, sequences: Sequence[Sequence[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
+def states_in_chunks(compressor: StateCompressor, seqs: Sequence[Symbols]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`token_states` of many sequences, TEXTS_PER_CALL at a time (bounded CPU copies of the states)."""
+    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for i in range(0, len(seqs), TEXTS_PER_CALL):
+        out += compressor.token_states(seqs[i : i + TEXTS_PER_CALL])
+    return out
+
+
 class KnnLmOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -112,10 +120,7 @@ class KnnLmClassifier:
         return (h - self._mean) / self._scale
 
     def _states(self, seqs: list[Symbols]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        out: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for i in range(0, len(seqs), TEXTS_PER_CALL):
-            out += self.compressor.token_states(seqs[i : i + TEXTS_PER_CALL])
-        return out
+        return states_in_chunks(self.compressor, seqs)
 
     def _median_distance(self, states: torch.Tensor, rng: random.Random) -> float:
         if len(states) < 2:

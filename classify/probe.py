@@ -29,9 +29,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from classify.base import LabeledData, Prediction, argmin_label, posterior, text_rng
-from classify.knn_lm import StateCompressor
+from classify.knn_lm import StateCompressor, states_in_chunks
 
-TEXTS_PER_CALL = 64
 WEIGHT_DECAYS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 AUTO_FALLBACK = 1.0  # "auto" with a single example
 _LN2 = 0.6931471805599453
@@ -128,10 +127,7 @@ class ProbeClassifier:
         """Mean final state per text (float64). A text with no tokens gets the examples' mean,
         zero after standardizing, so its prediction is the coder's prior (at fit: zeros)."""
         seqs = [self.compressor.encode(t) for t in texts]  # raises TokenizationError on text the model cannot code
-        rows: list[torch.Tensor | None] = []
-        for i in range(0, len(seqs), TEXTS_PER_CALL):
-            for _, states in self.compressor.token_states(seqs[i : i + TEXTS_PER_CALL]):
-                rows.append(states.double().mean(0) if len(states) else None)
+        rows = [s.double().mean(0) if len(s) else None for _, s in states_in_chunks(self.compressor, seqs)]
         fill = getattr(self, "_mean", None)
         if fill is None:
             width = next((r.shape[0] for r in rows if r is not None), 1)
