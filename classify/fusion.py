@@ -1,5 +1,5 @@
 """`fusion`: two conditional experts, the model on retrieved examples and a classical compressor on
-the whole class corpus, combined per text (docs/CLASSIFY.md). `knn-lm` is the recommended LM method.
+the whole class corpus, combined per text (docs/CLASSIFY.md). `probe` is the recommended LM method.
 
 The two experts see different things. The LM, conditioned on the label's few examples nearest to
 x (`select="nearest"`), knows the language and the topics but reads ~8 examples per label; gzip
