@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -39,16 +39,12 @@ _LN2 = 0.6931471805599453
 class ProbeOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    weight_decay: float | Literal["auto"] = Field(
+    weight_decay: Annotated[float, Field(ge=0.0)] | Literal["auto"] = Field(
         default="auto", description="L2 penalty on the coder's weights; 'auto': chosen by cross-validation"
     )
     folds: int = Field(default=5, ge=2, le=20, description="cross-validation folds for weight_decay 'auto'")
     max_iter: int = Field(default=200, ge=1, le=10_000, description="L-BFGS iterations per fit")
     seed: int = Field(default=0, description="fold assignment and exact ties")
-
-    def model_post_init(self, _context: object) -> None:
-        if isinstance(self.weight_decay, float) and self.weight_decay < 0:
-            raise ValueError("weight_decay must be >= 0 or 'auto'")
 
 
 def fit_linear(
