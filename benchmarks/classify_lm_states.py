@@ -26,12 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks.classify_fusion import fast_lm  # noqa: E402
+from benchmarks.classify_split import add_split_args, split_and_lm  # noqa: E402
 from classify.base import argmin_label, text_rng  # noqa: E402
-from classify.data import load_examples, split  # noqa: E402
 from classify.methods import build  # noqa: E402
-from codelen.settings import Settings  # noqa: E402
-from models.registry import Registry  # noqa: E402
 
 
 class Memo:
@@ -57,21 +54,11 @@ def accuracy(texts, truth, bits, seed: int) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True)
-    p.add_argument("--test-data")
-    p.add_argument("--text-col", default="text")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--train-per-class", type=int, default=250)
-    p.add_argument("--test-per-class", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
+    add_split_args(p)
     p.add_argument("--beta", type=float, nargs="+", default=[1.0, 5.0, 10.0, 20.0, 50.0])
-    p.add_argument("--fast-engine", action="store_true")
     args = p.parse_args()
 
-    examples = load_examples(args.data, text_col=args.text_col)
-    test_examples = load_examples(args.test_data, text_col=args.text_col) if args.test_data else None
-    sp = split(examples, args.train_per_class, args.test_per_class, args.seed, test_examples)
-    lm = fast_lm(args.model) if args.fast_engine else Registry(Settings(models=args.model, preload="")).get(args.model)
+    sp, lm = split_and_lm(args)
     memo = Memo(lm)
     train_texts, train_labels = [e.text for e in sp.train], [e.label for e in sp.train]
     texts, truth = [e.text for e in sp.test], [e.label for e in sp.test]
