@@ -43,6 +43,9 @@ class ClassifierInfo(BaseModel):
     examples: int
     examples_per_label: dict[str, int]
     created_at: float
+    fitted: dict[str, Any] | None = Field(
+        default=None, description="what the fit chose, for methods that choose (probe: weight decay, CV accuracies)"
+    )
 
 
 class PredictRequest(_Strict):

@@ -75,7 +75,7 @@ def public(record: dict) -> dict:
         "examples": len(labels),
         "examples_per_label": per_label,
         "created_at": record["created_at"],
-    }
+    } | ({"fitted": record["fitted"]} if "fitted" in record else {})
 
 
 def job_as_seen(record: dict, now: float, heartbeat_s: float) -> dict:
@@ -144,7 +144,9 @@ class ClassifierService:
             "examples": [{"text": e["text"], "label": e["label"]} for e in examples],
             "created_at": time.time(),
         }
-        await self._fit(record)  # fails early on input the model cannot code
+        clf = (await self._fit(record)).classifier  # fails early on input the model cannot code
+        if hasattr(clf, "fitted"):
+            record["fitted"] = clf.fitted()  # what the fit chose; a refit elsewhere chooses the same
         await self.store.put(record)
         return public(record)
 

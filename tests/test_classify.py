@@ -556,6 +556,11 @@ def test_probe_over_http(api: httpx.Client) -> None:
     assert r.status_code == 201, r.text
     info = r.json()
     assert info["method"] == "probe" and info["options"]["weight_decay"] == "auto"
+    fitted = info["fitted"]  # the cross-validated choice, also on GET
+    assert fitted["weight_decay"] == max(
+        float(wd) for wd, a in fitted["cv_accuracy"].items() if a == max(fitted["cv_accuracy"].values())
+    )
+    assert api.get(f"/v1/classifiers/{info['id']}").json()["fitted"] == fitted
     r = api.post(f"/v1/classifiers/{info['id']}/predict", json={"texts": [e.text for e in TEST[:3]]})
     assert r.status_code == 200, r.text
     assert [p["label"] for p in r.json()["predictions"]] == [e.label for e in TEST[:3]]
