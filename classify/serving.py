@@ -146,7 +146,7 @@ class ClassifierService:
         }
         clf = (await self._fit(record)).classifier  # fails early on input the model cannot code
         if hasattr(clf, "fitted"):
-            record["fitted"] = clf.fitted()  # what the fit chose; a refit elsewhere chooses the same
+            record["fitted"] = clf.fitted()  # what the fit chose (a refit from equal states chooses the same)
         await self.store.put(record)
         return public(record)
 
