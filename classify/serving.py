@@ -75,7 +75,8 @@ def public(record: dict) -> dict:
         "examples": len(labels),
         "examples_per_label": per_label,
         "created_at": record["created_at"],
-    } | ({"fitted": record["fitted"]} if "fitted" in record else {})
+        "fitted": record.get("fitted"),
+    }
 
 
 def job_as_seen(record: dict, now: float, heartbeat_s: float) -> dict:
