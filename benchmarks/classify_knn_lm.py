@@ -14,10 +14,8 @@ setting, the defaults marked, and the conditions. Same split and ties as `codele
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,8 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks.classify_split import add_split_args, split_and_lm  # noqa: E402
-from classify.base import argmin_label, text_rng  # noqa: E402
+from benchmarks.classify_split import accuracy, add_split_args, conditions, split_and_lm  # noqa: E402
 from classify.knn_lm import KnnLmOptions  # noqa: E402
 from classify.methods import build  # noqa: E402
 
@@ -57,23 +54,12 @@ def main() -> int:
     median = clf.temperature / clf.opts.temperature  # the median squared distance
 
     defaults = KnnLmOptions()
-    print(
-        json.dumps(
-            {
-                "data": args.data,
-                "model": args.model,
-                "train": len(train_texts),
-                "test": len(texts),
-                "seed": args.seed,
-                "memory_tokens": clf.memory_tokens,
-                "fit_s": round(fit_s, 1),
-                "lm_pass_s_per_text": round(lm_s / max(1, len(texts)), 3),
-                "engine": "fast" if args.fast_engine else "deterministic",
-                "machine": f"{platform.machine()} {platform.processor() or ''} torch {torch.__version__}".strip(),
-                "date": datetime.date.today().isoformat(),
-            }
-        )
-    )
+    run = {
+        "memory_tokens": clf.memory_tokens,
+        "fit_s": round(fit_s, 1),
+        "lm_pass_s_per_text": round(lm_s / max(1, len(texts)), 3),
+    }
+    print(json.dumps(conditions(args, len(train_texts), len(texts)) | run), flush=True)
     for k, temp, lam in itertools.product(args.k, args.temperature, args.memory_weight):
         clf.opts = clf.opts.model_copy(update={"k": k, "temperature": temp, "memory_weight": lam})
         clf.temperature = temp * median
@@ -82,13 +68,15 @@ def main() -> int:
             clf._text_bits(torch.tensor(ids, dtype=torch.long), b, h) for ids, (b, h) in zip(seqs, states, strict=True)
         ]
         mem_ms = 1000 * (time.perf_counter() - t0) / max(1, len(texts))
-        accs = {}
-        for w in args.classical_weight:
-            right = 0
-            for text, lab, m, c in zip(texts, truth, bits, classical, strict=True):
-                fused = {y: m[y] + w * c[y] for y in m}
-                right += argmin_label(fused, text_rng(clf.opts.seed, text)) == lab
-            accs[w] = round(right / max(1, len(texts)), 3)
+        accs = {
+            w: accuracy(
+                texts,
+                truth,
+                [{y: m[y] + w * c[y] for y in m} for m, c in zip(bits, classical, strict=True)],
+                clf.opts.seed,
+            )
+            for w in args.classical_weight
+        }
         default = (k, temp, lam) == (defaults.k, defaults.temperature, defaults.memory_weight)
         print(
             json.dumps(

@@ -15,19 +15,14 @@ off (states equal to float rounding).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-
-from benchmarks.classify_split import add_split_args, split_and_lm  # noqa: E402
-from classify.base import argmin_label, text_rng  # noqa: E402
+from benchmarks.classify_split import accuracy, add_split_args, conditions, split_and_lm  # noqa: E402
 from classify.methods import build  # noqa: E402
 
 
@@ -47,11 +42,6 @@ class Memo:
         return [self.cache[tuple(s)] for s in sequences]
 
 
-def accuracy(texts, truth, bits, seed: int) -> float:
-    right = sum(argmin_label(b, text_rng(seed, t)) == y for t, y, b in zip(texts, truth, bits, strict=True))
-    return round(right / max(1, len(texts)), 3)
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_split_args(p)
@@ -66,22 +56,8 @@ def main() -> int:
     t0 = time.perf_counter()
     memo.token_states([lm.encode(t) for t in train_texts + texts])
     lm_s = time.perf_counter() - t0
-    print(
-        json.dumps(
-            {
-                "data": args.data,
-                "model": args.model,
-                "train": len(train_texts),
-                "test": len(texts),
-                "seed": args.seed,
-                "lm_pass_s_per_text": round(lm_s / max(1, len(train_texts) + len(texts)), 3),
-                "engine": "fast" if args.fast_engine else "deterministic",
-                "machine": f"{platform.machine()} {platform.processor() or ''} torch {torch.__version__}".strip(),
-                "date": datetime.date.today().isoformat(),
-            }
-        ),
-        flush=True,
-    )
+    per_text = round(lm_s / max(1, len(train_texts) + len(texts)), 3)
+    print(json.dumps(conditions(args, len(train_texts), len(texts)) | {"lm_pass_s_per_text": per_text}), flush=True)
     t0 = time.perf_counter()
     probe = build("probe", lambda: memo, train_texts, train_labels, {"seed": args.seed})
     fit_s = time.perf_counter() - t0
