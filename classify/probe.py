@@ -77,6 +77,7 @@ class ProbeClassifier:
     def __init__(self, compressor: StateCompressor, data: LabeledData, opts: ProbeOptions) -> None:
         self.compressor, self.data, self.opts = compressor, data, opts
         self.labels = data.classes
+        self._mean: torch.Tensor | None = None  # set from the examples' features
         raw = self._features(data.texts)
         self._mean = raw.mean(0)
         self._scale = raw.std(0) + 1e-3 if len(raw) > 1 else torch.ones(raw.shape[1], dtype=torch.float64)
@@ -123,12 +124,13 @@ class ProbeClassifier:
         """Mean final state per text (float64). A text with no tokens gets the examples' mean,
         zero after standardizing, so its prediction is the coder's prior (at fit: zeros)."""
         seqs = [self.compressor.encode(t) for t in texts]  # raises TokenizationError on text the model cannot code
-        rows = [s.double().mean(0) if len(s) else None for _, s in states_in_chunks(self.compressor, seqs)]
-        fill = getattr(self, "_mean", None)
-        if fill is None:
-            width = next((r.shape[0] for r in rows if r is not None), 1)
-            fill = torch.zeros(width, dtype=torch.float64)
-        return torch.stack([fill if r is None else r for r in rows])
+        rows = []
+        for _, states in states_in_chunks(self.compressor, seqs):
+            if len(states):
+                rows.append(states.double().mean(0))
+            else:  # states has shape (0, hidden size)
+                rows.append(torch.zeros(states.shape[1], dtype=torch.float64) if self._mean is None else self._mean)
+        return torch.stack(rows)
 
     def bits(self, texts: Sequence[str]) -> list[dict[str, float]]:
         """C(y | x) = -log2 p(y | x) for every label, per text."""
