@@ -100,9 +100,10 @@ class _IdsOnly:
         self.bos_token_id = bos
 
 
-def build(model_id: str, device: str, random_weights: bool) -> LMCompressor:
+def build(model_id: str, device: str, random_weights: bool, batch_tokens: int | None = None) -> LMCompressor:
+    batch_tokens = batch_tokens or (CUDA_BATCH_TOKENS if device == "cuda" else CPU_BATCH_TOKENS)
     if not random_weights:
-        return load_lm_compressor(model_id, device=device)
+        return load_lm_compressor(model_id, device=device, batch_tokens=batch_tokens)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     config = transformers.AutoConfig.for_model(**CONFIGS[model_id])
     with torch.device(device):
@@ -114,7 +115,7 @@ def build(model_id: str, device: str, random_weights: bool) -> LMCompressor:
         model_id=model_id,
         revision="random-weights",
         start_token_id=start,
-        batch_tokens=CUDA_BATCH_TOKENS if device == "cuda" else CPU_BATCH_TOKENS,
+        batch_tokens=batch_tokens,
     )
 
 
@@ -219,6 +220,19 @@ def device_name(device: str) -> str:
     return f"{model}, {torch.get_num_threads()} threads"
 
 
+def profile(comp: LMCompressor, seqs: list[list[int]], device: str, path: str) -> None:
+    """Kernel times of one engine run over the corpus (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        comp.token_bits(seqs)
+        sync(device)
+    key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    Path(path).write_text(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90))
+
+
 def matrix(comp: LMCompressor, n: int, seed: int = 1) -> dict[str, object]:
     gen = torch.Generator().manual_seed(seed)
     texts = [tuple(torch.randint(3, comp._vocab, (256,), generator=gen).tolist()) for _ in range(n)]
@@ -226,8 +240,10 @@ def matrix(comp: LMCompressor, n: int, seed: int = 1) -> dict[str, object]:
     segments += [Segment(x, y) for i, x in enumerate(texts) for j, y in enumerate(texts) if i != j]
     pairs = n * (n - 1) // 2
     results = {}
+    warm = [Segment(x, y) for x in texts[:4] for y in texts[:4] if x != y]
     for reuse in (False, True):
         comp.prefix_reuse = reuse
+        comp.score(warm)  # warm-up: first use of these shapes (and compilation on CUDA)
         comp.prefix_cache.clear()
         seconds, bits = timed(lambda: comp.score(segments), comp._device.type)
         results[reuse] = (seconds, bits)
@@ -253,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a small corpus (CPU: about 1-3 minutes)")
     parser.add_argument("--random-weights", action="store_true", help="real configuration, random weights")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--batch-tokens", type=int, help="the engine's batch token budget (default: the device's)")
+    parser.add_argument("--profile", metavar="FILE", help="profile one more engine run; kernel table to FILE")
     args = parser.parse_args(argv)
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -260,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
 
     peak_flops = matmul_peak(device)
-    comp = build(args.model, device, args.random_weights)
+    comp = build(args.model, device, args.random_weights, args.batch_tokens)
     model, start = comp.model, comp.start_token_id
     seqs, description = corpus(args.quick, device, comp._vocab)
     lengths = [1 + len(s) for s in seqs]
@@ -273,20 +291,26 @@ def main(argv: list[str] | None = None) -> int:
         seq_time, seq_bits = timed(lambda: [hf_bits(model, [s], start, device)[0] for s in sequential], device)
         pad_time, pad_bits = timed(lambda: run_hf_padded(model, seqs, start, device), device)
 
-    default_packing = comp.packing
+    default_packing, default_fused = comp.packing, comp._fused_head
     variants: dict[str, float] = {}
     engine_bits: list[torch.Tensor] = []
     engine_time = math.inf
-    for packing in (default_packing, not default_packing):
-        comp.packing = packing
+    layouts = [(default_packing, default_fused), (not default_packing, default_fused)]
+    if default_fused:
+        layouts.append((default_packing, False))  # the chunked torch head instead of the fused kernel
+    for packing, fused in layouts:
+        comp.packing, comp._fused_head = packing, fused
         comp.token_bits(seqs[:8])  # warm-up (and compilation on CUDA)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         seconds, bits = timed(lambda: comp.token_bits(seqs), device)
-        variants["packed" if packing else "padded"] = tokens / seconds
-        if packing == default_packing:
+        name = "packed" if packing else "padded"
+        variants[name if fused == default_fused else f"{name}, chunked head"] = tokens / seconds
+        if (packing, fused) == (default_packing, default_fused):
             engine_time, engine_bits, engine_peak = seconds, bits, peak_memory(device)
-    comp.packing = default_packing
+    comp.packing, comp._fused_head = default_packing, default_fused
+    if args.profile:
+        profile(comp, seqs, device, args.profile)
 
     totals = [float(b.sum()) for b in engine_bits]
     errors = [abs(t - r) / r for t, r in zip(totals, pad_bits, strict=True)]
@@ -326,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
             "batch_tokens": comp.batch_token_limit(),
             "compiled_body": comp._compiled_body is not None,
             "mixed_precision_head": comp._head_mixed,
+            "fused_head": comp._fused_head,
+            "packed_prefix": comp.packed_prefix,
             "oom_splits": comp.oom_splits,
         },
         "hf_sequential_sequences": len(sequential),

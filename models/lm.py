@@ -28,6 +28,7 @@ The engine, in the order a `score` call meets it:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -41,9 +42,11 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 import torch
 
 from models import weights
+from models.fused_head import available as fused_head_available
+from models.fused_head import head_bits as fused_head_bits
 from models.invariant import make_batch_invariant, tiled_matmul
-from models.packing import packed_attention
-from models.prefix_cache import PrefixCache, PrefixState
+from models.packing import PrefixRows, packed_attention
+from models.prefix_cache import PackedPrefixState, PrefixCache, PrefixState
 from models.protocol import ModelInfo, Segment, SegmentBits, TokenizationError, WindowPolicy
 
 if TYPE_CHECKING:
@@ -111,11 +114,26 @@ class _Prepared:
     positions: torch.Tensor | None = None
     cu_seq_lens: torch.Tensor | None = None
     bounds: list[int] | None = None
+    # Packed targets after prefix states: the states (in bank order), each window's key rows
+    # (an index into [prefix rows; own rows]) and the key windows' bounds.
+    states: list[PackedPrefixState] | None = None
+    kv_index: torch.Tensor | None = None
+    bounds_k: list[int] | None = None
+    items: list | None = None  # what the batch was made from, where `run` needs it
 
     def pinned(self) -> _Prepared:
-        pin = [t.pin_memory() if t is not None else None for t in (self.ids, self.index, self.targets, self.positions)]
-        cu = self.cu_seq_lens.pin_memory() if self.cu_seq_lens is not None else None
-        return _Prepared(pin[0], pin[1], pin[2], pin[3], cu, self.bounds)
+        def pin(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.pin_memory()
+
+        return dataclasses.replace(
+            self,
+            ids=pin(self.ids),
+            index=pin(self.index),
+            targets=pin(self.targets),
+            positions=pin(self.positions),
+            cu_seq_lens=pin(self.cu_seq_lens),
+            kv_index=pin(self.kv_index),
+        )
 
 
 def window_spans(n_positions: int, policy: WindowPolicy) -> list[tuple[int, int, int]]:
@@ -201,7 +219,12 @@ class LMCompressor:
       Every matrix product runs in fixed row tiles (models/invariant.py) and C(Y|X) of a one-window
       pair always continues from X's state, one target at a time, so the same texts give the same
       bits in any batch, job, worker or mode (C(X) from a prefix pass equals the plain path's: both
-      are one causal attention over the same window; tests/test_engine.py checks it).
+      are one causal attention over the same window; tests/test_engine.py checks it);
+    - `packed_prefix` (default: on CUDA unless deterministic): prefix states in packed-row layout
+      and all targets of a call, after any prefixes, in packed batches; else one padded batch of
+      targets per prefix, continuing from its HF cache;
+    - `fused_head` (default: where Triton and a bf16/fp16 model on CUDA are): the vocabulary head
+      and softmax as one kernel (models/fused_head.py) instead of chunks of fp32 logits.
     """
 
     def __init__(
@@ -223,6 +246,8 @@ class LMCompressor:
         batch_memory_bytes: int | None = None,
         compile: bool | None = None,
         deterministic: bool | None = None,
+        fused_head: bool | None = None,
+        packed_prefix: bool | None = None,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -247,10 +272,16 @@ class LMCompressor:
         head = model.get_output_embeddings()
         self._device = head.weight.device
         on_cuda = self._device.type == "cuda"
+        # The fused Triton head (models/fused_head.py) keeps the weight in its own dtype.
+        if fused_head and not fused_head_available(head.weight):
+            raise ValueError("fused_head needs Triton and a bf16/fp16 model on CUDA")
+        self._fused_head = fused_head_available(head.weight) if fused_head is None else fused_head
         self._head_mixed = _mixed_precision_head(head.weight)
-        # fp32 operands unless the device multiplies low precision into fp32 (no fp32 copy then:
-        # Gemma's tied head would cost 0.67 GB).
-        self._head_weight = head.weight.detach() if self._head_mixed else head.weight.detach().to(torch.float32)
+        # fp32 operands unless the fused head or the device multiplies low precision into fp32 (no
+        # fp32 copy then: Gemma's tied head would cost 0.67 GB).
+        self._head_weight_own = head.weight.detach()  # the model's parameter: no copy
+        keep = self._fused_head or self._head_mixed
+        self._head_weight = self._head_weight_own if keep else self._head_weight_own.to(torch.float32)
         self._head_bias = None if head.bias is None else head.bias.detach().to(torch.float32)
         self._softcap = getattr(config, "final_logit_softcapping", None)
         self._vocab = self._head_weight.shape[0]
@@ -261,6 +292,9 @@ class LMCompressor:
             make_batch_invariant(self._body)
         self.packing = packing
         self.prefix_reuse = prefix_reuse
+        # Targets after many different prefixes in one packed batch (default: on CUDA, unless
+        # deterministic); else one padded batch per prefix from its HF cache.
+        self.packed_prefix = (on_cuda and not self.deterministic) if packed_prefix is None else packed_prefix
         default_prefix_bytes = CUDA_PREFIX_CACHE_BYTES if on_cuda else CPU_PREFIX_CACHE_BYTES
         self.prefix_cache = PrefixCache(default_prefix_bytes if prefix_cache_bytes is None else prefix_cache_bytes)
         self.batch_memory_bytes = batch_memory_bytes
@@ -347,23 +381,214 @@ class LMCompressor:
                 after[tuple(s.prefix)].append(i)
             elif not s.prefix and s.target and 1 + len(s.target) <= context:
                 alone[tuple(s.target)].append(i)
-        for prefix, indices in after.items():
-            if not self.deterministic and len(indices) + (prefix in alone) < 2 and prefix not in self.prefix_cache:
-                continue  # one use: the plain path costs the same and batches better
-            state = self.prefix_cache.get(prefix)
-            if state is None:
-                state = self._prefix_state(prefix)
-            target_bits = self._continue(state, [tuple(segments[i].target) for i in indices])
-            for i, bits in zip(indices, target_bits, strict=True):
-                out[i] = SegmentBits(prefix_bits=state.prefix_bits, target_bits=bits)
+        groups = [
+            (prefix, indices)
+            for prefix, indices in after.items()
+            if self.deterministic or len(indices) + (prefix in alone) >= 2 or prefix in self.prefix_cache
+        ]  # a prefix used once: the plain path costs the same and batches better
+        if self.packed_prefix and self.packing:
+            self._score_packed_prefixes(groups, segments, out)
+        else:
+            for prefix, indices in groups:
+                state = self.prefix_cache.get(prefix)
+                if not isinstance(state, PrefixState):
+                    state = self._prefix_state(prefix)
+                target_bits = self._continue(state, [tuple(segments[i].target) for i in indices])
+                for i, bits in zip(indices, target_bits, strict=True):
+                    out[i] = SegmentBits(prefix_bits=state.prefix_bits, target_bits=bits)
+                self.prefix_cache.put(prefix, state)
+        for prefix, indices in groups:
+            prefix_bits = out[indices[0]].prefix_bits  # type: ignore[union-attr]
             for i in alone.pop(prefix, []):
-                out[i] = SegmentBits(prefix_bits=0.0, target_bits=state.prefix_bits)
-            self.prefix_cache.put(prefix, state)
+                out[i] = SegmentBits(prefix_bits=0.0, target_bits=prefix_bits)
         for target, indices in alone.items():
             state = self.prefix_cache.peek(target)
             if state is not None:
                 for i in indices:
                     out[i] = SegmentBits(prefix_bits=0.0, target_bits=state.prefix_bits)
+
+    def _score_packed_prefixes(
+        self, groups: list[tuple[tuple[int, ...], list[int]]], segments: list[Segment], out: list[SegmentBits | None]
+    ) -> None:
+        """Prefix states for all groups (packed prefix passes for those not kept), then every
+        target in packed batches; in parts whose states fit the prefix cache's budget (at least
+        256 MiB), so a call with thousands of prefixes never holds them all."""
+        per_token = _kv_bytes_per_token(self.model)
+        budget = max(self.prefix_cache.max_bytes, 256 << 20)
+        part: list[tuple[tuple[int, ...], list[int]]] = []
+        size = 0
+        for k, group in enumerate(groups):
+            part.append(group)
+            size += (1 + len(group[0])) * per_token
+            if size < budget and k + 1 < len(groups):
+                continue
+            states: dict[tuple[int, ...], PackedPrefixState] = {}
+            missing = []
+            for prefix, _ in part:
+                state = self.prefix_cache.get(prefix)
+                if isinstance(state, PackedPrefixState):
+                    states[prefix] = state
+                else:
+                    missing.append(prefix)
+            states.update(zip(missing, self._packed_prefix_states(missing), strict=True))
+            items = [(states[prefix], tuple(segments[i].target)) for prefix, indices in part for i in indices]
+            bits = iter(self._continue_packed(items))
+            for prefix, indices in part:
+                for i in indices:
+                    out[i] = SegmentBits(prefix_bits=states[prefix].prefix_bits, target_bits=next(bits))
+                self.prefix_cache.put(prefix, states[prefix])
+            part, size = [], 0
+
+    def _packed_prefix_states(self, prefixes: list[tuple[int, ...]]) -> list[PackedPrefixState]:
+        """Run [BOS] + each prefix in packed batches, keeping every layer's keys and values."""
+        full = [self._with_start(p) for p in prefixes]
+        windows = sorted(
+            (_Window(seq=i, start=0, end=len(t), score_from=1) for i, t in enumerate(full)),
+            key=lambda w: w.length,
+            reverse=True,
+        )
+        states: list[PackedPrefixState | None] = [None] * len(prefixes)
+        layers = int(self.model.config.num_hidden_layers)
+
+        def run(prepared: _Prepared) -> torch.Tensor:
+            assert prepared.bounds is not None and prepared.positions is not None and prepared.cu_seq_lens is not None
+            capture: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+            kwargs: dict[str, object] = dict(
+                input_ids=self._to_device(prepared.ids),
+                position_ids=self._to_device(prepared.positions),
+                use_cache=False,
+                cu_seq_lens_q=self._to_device(prepared.cu_seq_lens),
+                max_length_q=max(b - a for a, b in zip(prepared.bounds[:-1], prepared.bounds[1:], strict=True)),
+                cu_seq_lens_host=prepared.bounds,
+                codelen_capture=capture,
+            )
+            with packed_attention(self.model):  # eager: the capture is a side effect
+                hidden = self._body(**kwargs).last_hidden_state
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            bits = self._head_bits(flat[self._to_device(prepared.index)], self._to_device(prepared.targets))
+            assert prepared.items is not None
+            for r, w in enumerate(prepared.items):
+                a, b = prepared.bounds[r], prepared.bounds[r + 1]
+                # Own, contiguous copies: a slice of the batch's (transposed) keys would keep the
+                # whole batch alive, and its strides would differ from batch to batch, which makes
+                # the compiled body recompile (a minute each for Gemma on an H100).
+                states[w.seq] = PackedPrefixState(
+                    keys=[
+                        capture[layer][0][a:b].clone(memory_format=torch.contiguous_format) for layer in range(layers)
+                    ],
+                    values=[
+                        capture[layer][1][a:b].clone(memory_format=torch.contiguous_format) for layer in range(layers)
+                    ],
+                    last_hidden=flat[b - 1 : b].clone(),
+                    prefix_bits=0.0,  # filled below, after one transfer
+                    n_positions=b - a,
+                )
+            return bits
+
+        def prepare(batch: list[_Window]) -> _Prepared:
+            return dataclasses.replace(self._prepare(batch, full), items=batch)
+
+        done = self._pipeline(self._cut(windows, self._packed_cost), prepare, run, self._packed_cost)
+        if done:
+            bits = torch.cat([b for _, b in done]).to("cpu", torch.float64)
+            offset = 0
+            for batch, _ in done:
+                for w in batch:
+                    n = w.end - w.score_from
+                    state = states[w.seq]
+                    assert state is not None
+                    state.prefix_bits = float(bits[offset : offset + n].sum())
+                    offset += n
+        return states  # type: ignore[return-value]
+
+    def _continue_packed(self, items: list[tuple[PackedPrefixState, tuple[int, ...]]]) -> list[float]:
+        """C(target | prefix) of each (prefix state, target), all in packed batches: each window
+        is a target, attending to its prefix's keys and values and then causally to itself."""
+        for _, target in items:
+            self._check_ids(target)
+        order = sorted(range(len(items)), key=lambda i: len(items[i][1]), reverse=True)
+        ratio = self._kv_per_token
+
+        def cost(batch: list[tuple[PackedPrefixState, tuple[int, ...]]]) -> int:
+            # Each window also holds its gathered copy of the prefix's keys and values per layer.
+            return sum(len(t) + math.ceil(state.n_positions * ratio) for state, t in batch)
+
+        def prepare(batch: list[tuple[PackedPrefixState, tuple[int, ...]]]) -> _Prepared:
+            bank: dict[int, int] = {}  # id(state) -> its number in the bank
+            states: list[PackedPrefixState] = []
+            starts: list[int] = []  # first bank row of each state
+            rows = 0
+            for state, _ in batch:
+                if id(state) not in bank:
+                    bank[id(state)] = len(states)
+                    states.append(state)
+                    starts.append(rows)
+                    rows += state.n_positions
+            lengths = [len(t) for _, t in batch]
+            bounds = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+            bounds_k = [
+                0,
+                *torch.tensor([s.n_positions + n for (s, _), n in zip(batch, lengths, strict=True)]).cumsum(0).tolist(),
+            ]
+            kv_index, index = [], []
+            for (state, _), n, q0 in zip(batch, lengths, bounds, strict=False):
+                first = starts[bank[id(state)]]
+                kv_index += [torch.arange(first, first + state.n_positions), rows + q0 + torch.arange(n)]
+                # Token 0 is predicted by the prefix's last hidden state (entry bank number of
+                # [last hidden of each state; the batch's flattened hidden states]), token j by row j - 1.
+                index += [torch.tensor([bank[id(state)]]), len(states) + q0 + torch.arange(n - 1)]
+            return _Prepared(
+                ids=torch.tensor([tok for _, t in batch for tok in t], dtype=torch.long)[None],
+                index=torch.cat(index),
+                targets=torch.tensor([tok for _, t in batch for tok in t], dtype=torch.long),
+                positions=torch.cat(
+                    [torch.arange(s.n_positions, s.n_positions + n) for (s, _), n in zip(batch, lengths, strict=True)]
+                )[None],
+                cu_seq_lens=torch.tensor(bounds, dtype=torch.int32),
+                bounds=bounds,
+                states=states,
+                kv_index=torch.cat(kv_index),
+                bounds_k=bounds_k,
+            )
+
+        def run(prepared: _Prepared) -> torch.Tensor:
+            assert prepared.states is not None and prepared.bounds is not None and prepared.bounds_k is not None
+            states = prepared.states
+            layers = range(len(states[0].keys))
+            one = len(states) == 1
+            rows = PrefixRows(
+                keys=[states[0].keys[i] if one else torch.cat([s.keys[i] for s in states]) for i in layers],
+                values=[states[0].values[i] if one else torch.cat([s.values[i] for s in states]) for i in layers],
+                index=self._to_device(prepared.kv_index),  # type: ignore[arg-type]
+                cu_seq_lens_k=torch.tensor(prepared.bounds_k, dtype=torch.int32).to(self._device),
+                max_length_k=max(b - a for a, b in zip(prepared.bounds_k[:-1], prepared.bounds_k[1:], strict=True)),
+                # A host list that changes per batch is not handed to the compiled body on CUDA.
+                bounds_k=prepared.bounds_k if self._device.type != "cuda" else None,
+            )
+            kwargs: dict[str, object] = dict(
+                input_ids=self._to_device(prepared.ids),
+                position_ids=self._to_device(prepared.positions),  # type: ignore[arg-type]
+                use_cache=False,
+                cu_seq_lens_q=self._to_device(prepared.cu_seq_lens),  # type: ignore[arg-type]
+                max_length_q=max(b - a for a, b in zip(prepared.bounds[:-1], prepared.bounds[1:], strict=True)),
+                codelen_prefix=rows,
+            )
+            if self._device.type != "cuda":
+                kwargs["cu_seq_lens_host"] = prepared.bounds
+            with packed_attention(self.model):
+                hidden = self._packed_body(kwargs)
+            last = torch.cat([s.last_hidden for s in states])
+            flat = torch.cat([last, hidden.reshape(-1, hidden.shape[-1])])
+            return self._head_bits(flat[self._to_device(prepared.index)], self._to_device(prepared.targets))
+
+        sorted_items = [items[i] for i in order]
+        done = self._pipeline(self._cut(sorted_items, cost), prepare, run, cost)
+        bits = torch.cat([b for _, b in done]).to("cpu", torch.float64) if done else torch.zeros(0)
+        sums = [float(part.sum()) for part in bits.split([len(t) for _, t in sorted_items])]
+        result = [0.0] * len(items)
+        for i, total in zip(order, sums, strict=True):
+            result[i] = total
+        return result
 
     def _prefix_state(self, prefix: tuple[int, ...]) -> PrefixState:
         """Run [BOS] + prefix once; its cache, last hidden state and C(prefix)."""
@@ -614,16 +839,29 @@ class LMCompressor:
     # -- the vocabulary head ------------------------------------------------------------------
 
     def _head_bits(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """-log2 softmax(lm_head(hidden))[target], in fp32, a chunk of positions at a time."""
+        """-log2 softmax(lm_head(hidden))[target], in fp32: fused on CUDA (no logits in memory),
+        else a chunk of positions at a time."""
+        if self._fused_head and self._head_bias is None:
+            try:
+                return fused_head_bits(hidden, self._head_weight_own, targets, self._softcap)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:  # a kernel failure must not fail the items: run the torch path
+                log.warning("the fused head failed, using the chunked head: %s: %s", type(exc).__name__, exc)
+                self._fused_head = False
+        weight = self._head_weight
+        if not self._head_mixed and weight.dtype != torch.float32:
+            # Only after the fused head was turned off: an fp32 copy from then on.
+            weight = self._head_weight = weight.to(torch.float32)
         out = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
         for i in range(0, len(targets), self._head_rows):
             rows = hidden[i : i + self._head_rows]
             if self._head_mixed:
-                logits = torch.mm(rows, self._head_weight.T, out_dtype=torch.float32)
+                logits = torch.mm(rows, weight.T, out_dtype=torch.float32)
             elif self.deterministic:
-                logits = tiled_matmul(rows.to(torch.float32), self._head_weight.T)
+                logits = tiled_matmul(rows.to(torch.float32), weight.T)
             else:
-                logits = rows.to(torch.float32) @ self._head_weight.T
+                logits = rows.to(torch.float32) @ weight.T
             if self._head_bias is not None:
                 logits += self._head_bias
             out[i : i + self._head_rows] = self._softmax_bits(logits, targets[i : i + self._head_rows])

@@ -8,6 +8,9 @@ and the last hidden state), on the model's device.
 Sliding-window layers (Gemma 3) keep only the last window - 1 positions, as HF's
 DynamicSlidingWindowLayer does during generation, with the count of tokens seen, so a target
 continues exactly as in one pass over prefix + target.
+
+`PackedPrefixState` is the packed engine's form of the same state (CUDA by default): the keys and
+values in packed-row layout, all positions of every layer, gathered per target in one batch.
 """
 
 from __future__ import annotations
@@ -58,14 +61,32 @@ class PrefixState:
         return cache
 
 
+@dataclass
+class PackedPrefixState:
+    """The model after [BOS] + prefix for the packed engine: per layer, the keys and values of
+    every prefix position as (positions, kv heads, head dim), the layout of a packed row, so
+    targets after many different prefixes run in one packed batch (models/packing.py gathers
+    each target's prefix rows in front of its own)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    last_hidden: torch.Tensor  # (1, hidden): predicts the first target token
+    prefix_bits: float
+    n_positions: int  # 1 + len(prefix)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (*self.keys, *self.values)) + self.last_hidden.nbytes
+
+
 class PrefixCache:
-    """LRU of PrefixState by prefix tokens, holding at most `max_bytes` of tensors."""
+    """LRU of prefix states by prefix tokens, holding at most `max_bytes` of tensors."""
 
     def __init__(self, max_bytes: int) -> None:
         if max_bytes < 0:
             raise ValueError("max_bytes must be >= 0")
         self.max_bytes = max_bytes
-        self._states: OrderedDict[tuple[int, ...], PrefixState] = OrderedDict()
+        self._states: OrderedDict[tuple[int, ...], PrefixState | PackedPrefixState] = OrderedDict()
         self._bytes = 0
         self.hits = 0
         self.misses = 0
@@ -80,7 +101,7 @@ class PrefixCache:
     def nbytes(self) -> int:
         return self._bytes
 
-    def get(self, prefix: tuple[int, ...]) -> PrefixState | None:
+    def get(self, prefix: tuple[int, ...]) -> PrefixState | PackedPrefixState | None:
         state = self._states.get(prefix)
         if state is None:
             self.misses += 1
@@ -89,11 +110,11 @@ class PrefixCache:
         self._states.move_to_end(prefix)
         return state
 
-    def peek(self, prefix: tuple[int, ...]) -> PrefixState | None:
+    def peek(self, prefix: tuple[int, ...]) -> PrefixState | PackedPrefixState | None:
         """The state if kept, without counting a hit or refreshing its place."""
         return self._states.get(prefix)
 
-    def put(self, prefix: tuple[int, ...], state: PrefixState) -> None:
+    def put(self, prefix: tuple[int, ...], state: PrefixState | PackedPrefixState) -> None:
         """Keep `state`, evicting the least recently used; a state larger than the budget is not kept."""
         if prefix in self._states:
             self._bytes -= self._states.pop(prefix).nbytes

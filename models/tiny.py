@@ -36,15 +36,15 @@ class ByteTokenizer:
         return bytes(i - _SPECIALS for i in token_ids if i >= _SPECIALS).decode("utf-8", errors="replace")
 
 
-def tiny_model(seed: int = 0, max_positions: int = 512) -> LlamaForCausalLM:
-    """A 2-layer, 64-wide Llama with deterministic random weights."""
+def tiny_model(seed: int = 0, max_positions: int = 512, kv_heads: int = 2) -> LlamaForCausalLM:
+    """A 2-layer, 64-wide Llama (4 query heads) with deterministic random weights."""
     config = LlamaConfig(
         vocab_size=ByteTokenizer.vocab_size,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=max_positions,
         initializer_range=0.4,
         tie_word_embeddings=False,
@@ -73,10 +73,11 @@ def tiny_compressor(
     batch_tokens: int = 4096,
     seed: int = 0,
     max_positions: int = 512,
+    kv_heads: int = 2,
     **engine: Any,
 ) -> LMCompressor:
     """`engine`: LMCompressor's engine settings (packing, prefix_reuse, prefix_cache_bytes, ...)."""
-    model = tiny_model(seed=seed, max_positions=max_positions)
+    model = tiny_model(seed=seed, max_positions=max_positions, kv_heads=kv_heads)
     return LMCompressor(
         model,
         ByteTokenizer(),

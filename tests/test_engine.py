@@ -75,9 +75,10 @@ def test_packed_attention_reference_with_sliding_window() -> None:
         assert torch.allclose(out[start:end], ref, atol=1e-5)
 
 
-def test_prefix_reuse_equals_plain_path() -> None:
+@pytest.mark.parametrize("packed_prefix", [False, True])
+def test_prefix_reuse_equals_plain_path(packed_prefix: bool) -> None:
     # the throughput policy (GPU default): reuse only a prefix used twice in the call
-    comp = tiny_compressor(deterministic=False)
+    comp = tiny_compressor(deterministic=False, packed_prefix=packed_prefix)
     rng = random.Random(3)
     x = tokens(rng, 90)
     ys = [tokens(rng, rng.randrange(1, 120)) for _ in range(7)]
@@ -96,8 +97,56 @@ def test_prefix_reuse_equals_plain_path() -> None:
     assert comp.prefix_cache.hits == 1 and close(again.target_bits, plain[2].target_bits)
 
 
-def test_prefix_reuse_only_within_one_window() -> None:
-    comp = tiny_compressor(context_tokens=64, stride=32)
+def test_packed_attention_after_prefix_rows() -> None:
+    """A window of queries after prefix keys: query i is position (keys - queries + i), causal
+    (and sliding) from the bottom right, as flash attention's varlen kernel with longer keys."""
+    torch.manual_seed(1)
+    bounds, bounds_k, window = [0, 10, 13, 40], [0, 30, 33, 93], 20
+    q, k, v = torch.randn(40, 4, 16), torch.randn(93, 2, 16), torch.randn(93, 2, 16)
+    for sliding in (None, window):
+        out = _attention_per_window(q, k, v, bounds, None, sliding, bounds_k)
+        for r in range(3):
+            qq = q[bounds[r] : bounds[r + 1]]
+            kk, vv = (t[bounds_k[r] : bounds_k[r + 1]].repeat_interleave(2, 1) for t in (k, v))
+            nq, nk = len(qq), len(kk)
+            position = torch.arange(nk - nq, nk)
+            distance = position[:, None] - torch.arange(nk)[None, :]
+            allowed = (distance >= 0) & (distance < (sliding or nk + 1))
+            scores = torch.einsum("qhd,khd->hqk", qq, kk) / 4.0
+            ref = torch.einsum("hqk,khd->qhd", scores.masked_fill(~allowed, -math.inf).softmax(-1), vv)
+            assert torch.allclose(out[bounds[r] : bounds[r + 1]], ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_packed_prefixes_many_prefixes_and_batches(kv_heads: int) -> None:
+    """Targets after different prefixes share packed batches; every C(X) + C(Y|X) equals one
+    plain forward over X + Y, over several batches and an LRU hit in a later call."""
+    comp = tiny_compressor(deterministic=False, packed_prefix=True, batch_tokens=400, kv_heads=kv_heads)
+    rng = random.Random(11)
+    xs = [tokens(rng, rng.randrange(1, 150)) for _ in range(5)]
+    pairs = [(x, tokens(rng, rng.randrange(1, 100))) for x in xs for _ in range(rng.randrange(2, 5))]
+    segments = [Segment(x, y) for x, y in pairs] + [Segment((), xs[1])]
+    scored = comp.score(segments)
+    assert len(comp.prefix_cache) == len(xs)
+    for (x, y), bits in zip(pairs, scored, strict=False):
+        assert close(bits.prefix_bits, hf_bits(comp, x))
+        assert close(bits.prefix_bits + bits.target_bits, hf_bits(comp, x + y))
+    assert close(scored[-1].target_bits, hf_bits(comp, xs[1])) and scored[-1].prefix_bits == 0.0
+    for x in xs:  # states own contiguous copies: one layout for every batch, no batch kept alive
+        state = comp.prefix_cache.peek(x)
+        for t in (*state.keys, *state.values):
+            # strides, not is_contiguous(): that ignores the stride of a size-1 dimension (one
+            # key/value head, as Gemma 3), whose batch-dependent value made CUDA recompile
+            assert t.stride() == torch.empty(t.shape).stride() and t.untyped_storage().nbytes() == t.nbytes
+    hits = comp.prefix_cache.hits
+    (again,) = comp.score([Segment(xs[3], pairs[0][1])])
+    assert comp.prefix_cache.hits == hits + 1
+    assert close(again.prefix_bits + again.target_bits, hf_bits(comp, xs[3] + pairs[0][1]))
+
+
+@pytest.mark.parametrize("packed_prefix", [False, True])
+def test_prefix_reuse_only_within_one_window(packed_prefix: bool) -> None:
+    comp = tiny_compressor(context_tokens=64, stride=32, packed_prefix=packed_prefix)
     rng = random.Random(4)
     x = tokens(rng, 40)
     ys = [tokens(rng, 10), tokens(rng, 50), tokens(rng, 5)]  # 1 + 40 + 50 > 64: the plain windows
@@ -127,9 +176,9 @@ def test_lru_respects_its_budget() -> None:
     assert len(comp.prefix_cache) == 0 and comp.prefix_cache.nbytes == 0
 
 
-@pytest.mark.parametrize("packing", [False, True])
-def test_out_of_memory_splits_the_batch(packing: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    comp = tiny_compressor(batch_tokens=4000, packing=packing)
+@pytest.mark.parametrize(("packing", "packed_prefix"), [(False, False), (True, False), (True, True)])
+def test_out_of_memory_splits_the_batch(packing: bool, packed_prefix: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    comp = tiny_compressor(batch_tokens=4000, packing=packing, packed_prefix=packed_prefix)
     rng = random.Random(6)
     seqs = [tokens(rng, rng.randrange(5, 60)) for _ in range(12)]
     x = tokens(rng, 30)
