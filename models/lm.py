@@ -9,13 +9,17 @@ and the chain rule C(X·Y) = C(X) + C(Y|X) holds exactly.
 Sequences longer than the context are scored with the position-only sliding windows of
 `WindowPolicy`, so a token's score never depends on what follows it: C(X) alone equals the X part
 of C(X·Y). Windows of all requests are batched together by a token budget; the vocabulary
-projection runs in chunks of positions so full-vocabulary logits never exist for a whole batch
-(Gemma's vocabulary is 262k entries: 1 MiB of fp32 per position).
+projection never writes full-vocabulary logits for a whole batch (Gemma's vocabulary is 262k
+entries: 1 MiB of fp32 per position): on CUDA one Triton kernel keeps them in registers
+(`models.fused_head`), elsewhere they are computed in chunks of positions.
 
 The engine, in the order a `score` call meets it:
 1. Prefix reuse: segments that share a prefix X (and fit one window) run [BOS] + X once; its
-   key/value cache (`models.prefix_cache`) serves every target, and an LRU bounded by bytes keeps
-   it for later calls. A C(X) asked in the same call comes from that pass too.
+   key/value state (`models.prefix_cache`) serves every target, and an LRU bounded by bytes keeps
+   it for later calls. A C(X) asked in the same call comes from that pass too. On CUDA
+   (`packed_prefix`) the prefixes run in packed batches and the targets after all of them share
+   packed batches, each window gathering its prefix's keys and values in front of its own; on
+   the CPU each prefix continues its targets in padded rows from its HF cache.
 2. Everything else becomes windows, sorted by length and cut into batches by a token budget:
    packed (`models.packing`: no padding, one row per batch; varlen flash attention on CUDA,
    attention per window on CPU, measured 1.6x faster there than padded rows on mixed lengths:
