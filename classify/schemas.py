@@ -71,10 +71,14 @@ class PredictionJob(BaseModel):
     id: str
     classifier: str
     status: Literal["queued", "running", "succeeded", "failed"] = Field(
-        description="a queued or running job whose updated_at is older than 6 heartbeats reads as failed (lost)"
+        description=(
+            "a queued or running job whose updated_at is older than 6 heartbeats lost its process: with Redis "
+            "the next GET resumes it from its last saved predictions (at most 3 times); in memory it reads as failed"
+        )
     )
     done: int = Field(description="texts predicted so far")
     total: int
+    resumes: int = Field(default=0, description="times the job was resumed after its process stopped")
     created_at: float
     updated_at: float = Field(description="last progress or heartbeat (every CODELEN_PREDICTION_HEARTBEAT_S)")
     error: str | None = Field(default=None, description="only when failed")

@@ -7,9 +7,14 @@ prediction run in a worker thread (they block on the model), one prediction per 
 a time. Predictions run in the API process on the registry's compressors, in both modes.
 
 Prediction jobs (POST /v1/classifiers/{id}/predictions) run the same prediction as an asyncio task
-of the API process, PREDICTION_CHUNK texts per worker-thread call, writing progress to the store
-after each chunk and a heartbeat (updated_at) every `prediction_heartbeat_s` while a chunk runs;
-a queued or running job whose heartbeat stopped reads as failed (`job_as_seen`).
+of the API process, PREDICTION_CHUNK texts per worker-thread call, appending each chunk's
+predictions to the store and a heartbeat (updated_at) every `prediction_heartbeat_s` while a chunk
+runs. A queued or running job whose heartbeat stopped lost its process (crash, restart):
+- with a persistent store (Redis), the next GET of it, in any API process, claims it and resumes
+  it from its last saved chunk (texts and predictions so far are in the store); a job whose
+  process stopped MAX_RESUMES times is failed instead (its input may be what stops it). A
+  graceful shutdown saves the job as interrupted, to be resumed without counting;
+- in memory it ended with its process: it reads as failed (`job_as_seen`).
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ PREDICTION_CHUNK = 16  # texts per worker-thread call of a prediction job (progr
 STALE_HEARTBEATS = 6  # a queued/running job not refreshed for this many heartbeats lost its process
 LOST = "the process running this prediction stopped (restart or crash); submit the texts again"
 SHUTDOWN = "the service shut down while running this prediction; submit the texts again"
+MAX_RESUMES = 3  # stops of its process (not graceful shutdowns) after which a job is failed
+GIVEN_UP = f"the process running this prediction stopped {MAX_RESUMES + 1} times; submit the texts again"
+_INTERNAL = ("interrupted",)  # job-record fields GET does not show
 
 
 class NotFound(LookupError):
@@ -79,13 +87,23 @@ def public(record: dict) -> dict:
     }
 
 
+def is_stale(record: dict, now: float, heartbeat_s: float) -> bool:
+    """A running job refreshes `updated_at` every heartbeat, so a queued or running one older than
+    STALE_HEARTBEATS heartbeats has lost the process that ran it (restart, crash)."""
+    return record["status"] in ("queued", "running") and now - record["updated_at"] > STALE_HEARTBEATS * heartbeat_s
+
+
+def public_job(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in _INTERNAL}
+
+
 def job_as_seen(record: dict, now: float, heartbeat_s: float) -> dict:
-    """A prediction job as GET reports it. A running job refreshes `updated_at` every heartbeat,
-    so a queued or running one older than STALE_HEARTBEATS heartbeats has lost the process that ran
-    it (restart, crash): it reads as failed. Pure: the stored record is not changed."""
-    if record["status"] in ("queued", "running") and now - record["updated_at"] > STALE_HEARTBEATS * heartbeat_s:
-        return {**record, "status": "failed", "error": LOST}
-    return record
+    """A prediction job as GET reports it: a stale one (`is_stale`) reads as failed. Pure: the
+    stored record is not changed."""
+    shown = public_job(record)
+    if is_stale(record, now, heartbeat_s):
+        return {**shown, "status": "failed", "error": GIVEN_UP if record.get("resumes", 0) >= MAX_RESUMES else LOST}
+    return shown
 
 
 def segments_needed(clf: Classifier, n_texts: int) -> int:
@@ -222,23 +240,53 @@ class ClassifierService:
             "status": "queued",
             "done": 0,
             "total": len(texts),
+            "resumes": 0,
             "created_at": now,
             "updated_at": now,
         }
+        await self.store.put_job_texts(job["id"], list(texts))  # first: a stored job can always resume
         await self.store.put_job(job)
-        runner = self._run_prediction(definition, dict(job), list(texts))
-        task = asyncio.create_task(runner, name=f"predict-{job['id']}")
+        self._start(definition, dict(job), list(texts), [])
+        return job
+
+    def _start(self, definition: dict, job: dict, texts: list[str], results: list[dict]) -> None:
+        task = asyncio.create_task(self._run_prediction(definition, job, texts, results), name=f"predict-{job['id']}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return job
 
     async def get_prediction(self, classifier_id: str, job_id: str) -> dict:
         job = await self.store.get_job(job_id)
         if job is None or job.get("classifier") != classifier_id:
             raise NotFound(f"no prediction job {job_id!r} of classifier {classifier_id!r} (unknown or expired)")
-        return job_as_seen(job, time.time(), self.settings.prediction_heartbeat_s)
+        now, heartbeat = time.time(), self.settings.prediction_heartbeat_s
+        resumable = job.get("interrupted") or job.get("resumes", 0) < MAX_RESUMES
+        if self.store.persistent and is_stale(job, now, heartbeat) and resumable:
+            resumed = await self._resume(job, now)
+            if resumed is not None:
+                return public_job(resumed)
+        return job_as_seen(job, now, heartbeat)
 
-    async def _run_prediction(self, definition: dict, job: dict, texts: list[str]) -> None:
+    async def _resume(self, job: dict, now: float) -> dict | None:
+        """Claim a stale job and run it on from its saved predictions; None if another process
+        claimed it first (it reads as running meanwhile) or its inputs are gone."""
+        if not await self.store.claim_job(job["id"], STALE_HEARTBEATS * self.settings.prediction_heartbeat_s):
+            return {**job, "status": "running"}
+        texts = await self.store.get_job_texts(job["id"])
+        definition = await self.store.get(job["classifier"])
+        if texts is None or definition is None:
+            return None  # expired or deleted: it reads as lost
+        results = await self.store.get_job_results(job["id"])
+        counts = 0 if job.get("interrupted") else 1  # a graceful shutdown is not held against the job
+        job = {**job, "status": "running", "done": len(results), "resumes": job.get("resumes", 0) + counts}
+        job.pop("interrupted", None)
+        job["updated_at"] = now
+        await self.store.put_job(job)
+        log.info("resuming prediction job %s at text %d of %d", job["id"], len(results), job["total"])
+        self._start(definition, dict(job), texts, results)
+        return job
+
+    async def _run_prediction(self, definition: dict, job: dict, texts: list[str], results: list[dict]) -> None:
+        """Run the job from text len(results) on (the predictions before it are in the store)."""
         heartbeat = self.settings.prediction_heartbeat_s
 
         async def save(**changes: object) -> None:
@@ -256,11 +304,11 @@ class ClassifierService:
                 future.cancel()  # no-op when done; a thread already running finishes on its own
 
         where = "while fitting the classifier"
+        predictions = list(results)
         try:
             await save(status="running")
             fitted = await beating(self._fit(definition))
-            predictions: list[dict] = []
-            for start in range(0, len(texts), PREDICTION_CHUNK):
+            for start in range(len(predictions), len(texts), PREDICTION_CHUNK):
                 chunk = texts[start : start + PREDICTION_CHUNK]
                 where = f"on texts {start}..{start + len(chunk) - 1}"
 
@@ -271,11 +319,20 @@ class ClassifierService:
                 got = await beating(asyncio.to_thread(run))
                 if len(got) != len(chunk):
                     raise RuntimeError(f"{len(got)} predictions for {len(chunk)} texts")
-                predictions.extend(p.as_dict() for p in got)
+                new = [p.as_dict() for p in got]
+                if await self.store.append_job_results(job["id"], new) != start + len(new):
+                    # This process was taken for lost (a stall of many heartbeats) and another one
+                    # resumed the job: that one owns it now.
+                    log.warning("prediction job %s was resumed elsewhere; this runner stops", job["id"])
+                    return
+                predictions.extend(new)
                 await save(done=len(predictions))
             await save(status="succeeded", predictions=predictions)
         except asyncio.CancelledError:
-            await self._fail(job, SHUTDOWN)
+            if self.store.persistent:  # resumed by the next GET, in any process, without counting
+                await self._save_quietly(job, status="queued", interrupted=True, updated_at=0.0)
+            else:
+                await self._fail(job, SHUTDOWN)
             raise
         except Exception as exc:
             reason = str(exc) if isinstance(exc, TokenizationError | Invalid) else f"{type(exc).__name__}: {exc}"
@@ -283,14 +340,18 @@ class ClassifierService:
             await self._fail(job, f"prediction failed {where}: {reason}")
 
     async def _fail(self, job: dict, error: str) -> None:
-        job.update(status="failed", error=error, updated_at=time.time())
+        await self._save_quietly(job, status="failed", error=error, updated_at=time.time())
+
+    async def _save_quietly(self, job: dict, **changes: object) -> None:
+        job.update(changes)
         try:
             await self.store.put_job(job)
         except Exception:  # the store is gone too: the stale rule reports the job as lost
-            log.exception("could not record the failure of prediction job %s", job["id"])
+            log.exception("could not record prediction job %s as %s", job["id"], job["status"])
 
     async def aclose(self) -> None:
-        """At shutdown: stop the running prediction jobs, recording them as failed."""
+        """At shutdown: stop the running prediction jobs, recording them as interrupted (Redis:
+        resumed later) or failed (memory: the jobs end with the process)."""
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -96,3 +96,18 @@ def classifier(classifier_id: str) -> str:
 def classifier_prediction(job_id: str) -> str:
     """A prediction job of a classifier as JSON (status, progress, predictions when done); expires."""
     return f"{QUEUE}:clfpred:{job_id}"
+
+
+def classifier_prediction_texts(job_id: str) -> str:
+    """A prediction job's texts as one JSON list, written once at submit (what a resume reads)."""
+    return f"{QUEUE}:clfpred:{job_id}:texts"
+
+
+def classifier_prediction_results(job_id: str) -> str:
+    """A prediction job's predictions so far: a list, one JSON prediction per text, in text order."""
+    return f"{QUEUE}:clfpred:{job_id}:results"
+
+
+def classifier_prediction_claim(job_id: str) -> str:
+    """Held (SET NX, expiring) by the API process that resumes a job whose process stopped."""
+    return f"{QUEUE}:clfpred:{job_id}:claim"

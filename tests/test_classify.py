@@ -7,6 +7,7 @@ import json
 import math
 import random
 import time
+import uuid
 from collections import Counter
 
 import httpx
@@ -19,7 +20,7 @@ from classify.data import Example, load_examples, split
 from classify.evaluate import scores
 from classify.knn import KnnOptions, vote
 from classify.methods import MethodError, resolve_model
-from classify.serving import LOST, SHUTDOWN, ClassifierService, Fitted, job_as_seen
+from classify.serving import GIVEN_UP, LOST, MAX_RESUMES, SHUTDOWN, ClassifierService, Fitted, job_as_seen
 from classify.store import MemoryStore
 from codelen import keys
 from codelen.cli import main as codelen_main
@@ -748,3 +749,103 @@ def test_prediction_job_in_distributed_mode(redis_url: str) -> None:
     with redis.Redis.from_url(redis_url) as r:
         key = keys.classifier_prediction(done["id"])
         assert json.loads(r.get(key))["status"] == "succeeded" and 0 < r.ttl(key) <= 7 * 24 * 3600
+
+
+class _Echo:
+    """A fitted classifier whose prediction names its text (order-checkable), counting the texts it
+    was asked for and sleeping per call."""
+
+    labels = ["a", "b"]
+
+    def __init__(self, sleep_s: float = 0.0) -> None:
+        self.sleep_s, self.seen = sleep_s, []
+
+    def predict(self, texts):
+        time.sleep(self.sleep_s)
+        self.seen += texts
+        return [Prediction(t, {t: 1.0}) for t in texts]
+
+
+def _redis_service(redis_url: str, classifier) -> ClassifierService:
+    from classify.store import RedisStore
+
+    service = ClassifierService(fast_settings(prediction_heartbeat_s=0.05), None, RedisStore(redis_url, 3600))
+    service._fitted["c"] = Fitted(classifier)
+    return service
+
+
+@pytest.mark.redis
+def test_a_job_whose_process_stopped_is_resumed_by_the_next_get(redis_url: str) -> None:
+    """Redis mode: a job left running with 16 of 40 texts done (its process gone) is claimed by the
+    first GET in another process and resumed from text 16; a second process asking at the same
+    time does not run it again; the predictions are those of one uninterrupted run."""
+    texts = [f"t{i}" for i in range(40)]
+
+    async def scenario() -> tuple[dict, dict, _Echo, _Echo]:
+        a, b = _Echo(0.02), _Echo(0.02)
+        first, second = _redis_service(redis_url, a), _redis_service(redis_url, b)
+        await first.store.put({"id": "c"})
+        job = {"id": uuid.uuid4().hex, "classifier": "c", "status": "running", "done": 16, "total": 40}
+        job.update(resumes=0, created_at=time.time() - 100, updated_at=time.time() - 100)
+        await first.store.put_job_texts(job["id"], texts)
+        await first.store.append_job_results(job["id"], [{"label": t, "scores": {t: 1.0}} for t in texts[:16]])
+        await first.store.put_job(job)
+        # Both processes judge the same stale record before either acts: only the claim decides.
+        both = await asyncio.gather(first._resume(dict(job), time.time()), second._resume(dict(job), time.time()))
+        assert sum(r is not None and r["resumes"] == 1 for r in both) == 1
+        seen = await first.get_prediction("c", job["id"])
+        done = await _poll(first, job["id"], lambda j: j["status"] in ("succeeded", "failed"))
+        for s in (first, second):
+            await s.aclose()
+            await s.store.close()
+        return seen, done, a, b
+
+    seen, done, a, b = asyncio.run(scenario())
+    assert seen["status"] in ("running", "succeeded") and seen["resumes"] == 1
+    assert done["status"] == "succeeded" and done["resumes"] == 1 and done["done"] == 40
+    assert [p["label"] for p in done["predictions"]] == texts
+    assert sorted(a.seen + b.seen) == sorted(texts[16:])  # each remaining text once, none of the first 16
+
+
+@pytest.mark.redis
+def test_shutdown_in_redis_mode_interrupts_and_another_process_finishes(redis_url: str) -> None:
+    texts = [f"t{i}" for i in range(48)]
+
+    async def scenario() -> tuple[dict, dict, dict]:
+        first = _redis_service(redis_url, _Echo(0.05))
+        await first.store.put({"id": "c"})
+        job = await first.submit_prediction("c", texts)
+        await _poll(first, job["id"], lambda j: j["done"] >= 16)
+        await first.aclose()  # a graceful shutdown mid-job
+        interrupted = await first.store.get_job(job["id"])
+        await first.store.close()
+        second = _redis_service(redis_url, _Echo())
+        seen = await second.get_prediction("c", job["id"])
+        done = await _poll(second, job["id"], lambda j: j["status"] in ("succeeded", "failed"))
+        await second.aclose()
+        await second.store.close()
+        return interrupted, seen, done
+
+    interrupted, seen, done = asyncio.run(scenario())
+    assert interrupted["status"] == "queued" and interrupted["interrupted"] and 16 <= interrupted["done"] < 48
+    assert seen["status"] == "running" and "interrupted" not in seen
+    assert done["status"] == "succeeded" and done["resumes"] == 0  # a shutdown is not counted
+    assert [p["label"] for p in done["predictions"]] == texts
+
+
+@pytest.mark.redis
+def test_a_job_that_keeps_stopping_its_process_is_failed(redis_url: str) -> None:
+    async def scenario() -> dict:
+        service = _redis_service(redis_url, _Echo())
+        await service.store.put({"id": "c"})
+        job = {"id": uuid.uuid4().hex, "classifier": "c", "status": "running", "done": 0, "total": 4}
+        job.update(resumes=MAX_RESUMES, created_at=time.time() - 100, updated_at=time.time() - 100)
+        await service.store.put_job_texts(job["id"], ["w", "x", "y", "z"])
+        await service.store.put_job(job)
+        seen = await service.get_prediction("c", job["id"])
+        await service.aclose()
+        await service.store.close()
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert seen["status"] == "failed" and seen["error"] == GIVEN_UP
