@@ -291,7 +291,7 @@ class ClassifierService:
 
         async def save(**changes: object) -> None:
             job.update(changes, updated_at=time.time())
-            await self.store.put_job(job)
+            await (self.store.finish_job(job) if job["status"] == "succeeded" else self.store.put_job(job))
 
         async def beating(awaitable):
             """Await it, refreshing updated_at every heartbeat however long it takes."""
@@ -345,7 +345,7 @@ class ClassifierService:
     async def _save_quietly(self, job: dict, **changes: object) -> None:
         job.update(changes)
         try:
-            await self.store.put_job(job)
+            await (self.store.finish_job(job) if job["status"] == "failed" else self.store.put_job(job))
         except Exception:  # the store is gone too: the stale rule reports the job as lost
             log.exception("could not record prediction job %s as %s", job["id"], job["status"])
 

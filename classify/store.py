@@ -46,6 +46,10 @@ class ClassifierStore(Protocol):
         """True for one caller until `ttl_s` passes: who resumes a stopped job."""
         ...
 
+    async def finish_job(self, record: dict) -> None:
+        """Store a job in its final state and drop what only a resume needed (texts, results so far)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -115,6 +119,11 @@ class MemoryStore:
         self._claims[job_id] = now + ttl_s
         return True
 
+    async def finish_job(self, record: dict) -> None:
+        await self.put_job(record)
+        for side in (self._texts, self._results, self._claims):
+            side.pop(record["id"], None)
+
     async def close(self) -> None:
         self._items.clear()
         self._jobs.clear()
@@ -176,6 +185,17 @@ class RedisStore:
     async def claim_job(self, job_id: str, ttl_s: float) -> bool:
         ms = max(1, int(ttl_s * 1000))
         return bool(await self._redis.set(keys.classifier_prediction_claim(job_id), "1", nx=True, px=ms))
+
+    async def finish_job(self, record: dict) -> None:
+        job_id = record["id"]
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(keys.classifier_prediction(job_id), json.dumps(record), ex=self._job_ttl)
+            pipe.delete(
+                keys.classifier_prediction_texts(job_id),
+                keys.classifier_prediction_results(job_id),
+                keys.classifier_prediction_claim(job_id),
+            )
+            await pipe.execute()
 
     async def close(self) -> None:
         await self._redis.aclose()

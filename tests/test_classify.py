@@ -831,6 +831,11 @@ def test_shutdown_in_redis_mode_interrupts_and_another_process_finishes(redis_ur
     assert seen["status"] == "running" and "interrupted" not in seen
     assert done["status"] == "succeeded" and done["resumes"] == 0  # a shutdown is not counted
     assert [p["label"] for p in done["predictions"]] == texts
+    import redis
+
+    with redis.Redis.from_url(redis_url) as r:  # what only a resume needed is gone once it succeeded
+        job_id = done["id"]
+        assert not r.exists(keys.classifier_prediction_texts(job_id), keys.classifier_prediction_results(job_id))
 
 
 @pytest.mark.redis
