@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# What issue 4 measures on a GPU machine, in stages that each fit one device call (10 minutes):
+#
+#   bash benchmarks/gpu_check.sh tests              # tests/test_engine_cuda.py (about 2.5 min on an H100)
+#   bash benchmarks/gpu_check.sh head               # benchmarks/head_kernel.py (under 1 min)
+#   bash benchmarks/gpu_check.sh engine MODEL...    # engine_throughput.py per model (SmolLM2 ~2.5 min, Gemma ~4)
+#
+# Results go to $OUT (the device tool's folder) or benchmarks/results/latest: logs, one JSON per
+# model, and the printed tables. Random weights with the real shapes (the weights do not travel).
+set -u
+out=${OUT:-benchmarks/results/latest}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+stage=${1:-}
+shift || true
+case "$stage" in
+tests)
+    timeout 300 python3 -m pytest --noconftest -q -s -p no:cacheprovider tests/test_engine_cuda.py 2>&1 |
+        tee "$out/cuda_tests.log" | grep -v '^W[0-9]' | tail -25
+    ;;
+head)
+    timeout 120 python3 benchmarks/head_kernel.py 2>&1 | tee "$out/head_kernel.txt"
+    ;;
+engine)
+    for model in "${@:-smollm2-135m}"; do
+        timeout 280 python3 benchmarks/engine_throughput.py --device cuda --model "$model" --random-weights --json \
+            >"$out/$model.json" 2>"$out/$model.err" || { echo "$model: failed or timed out"; tail -5 "$out/$model.err"; }
+        python3 -c "import json,sys; sys.path.insert(0, 'benchmarks'); from engine_throughput import table
+print(table(json.load(open(sys.argv[1]))))" "$out/$model.json" 2>/dev/null | tee "$out/$model.txt"
+    done
+    ;;
+*)
+    echo "usage: bash benchmarks/gpu_check.sh tests | head | engine [MODEL...]" >&2
+    exit 2
+    ;;
+esac
