@@ -20,6 +20,7 @@ import pytest
 import torch
 import transformers
 
+from benchmarks.engine_throughput import CONFIGS as ARCHITECTURES
 from models import fused_head
 from models.lm import LMCompressor
 from models.protocol import Segment
@@ -27,37 +28,18 @@ from models.protocol import Segment
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 LN2 = math.log(2.0)
+# The served checkpoints' architectures (one source: the engine benchmark), with fewer layers.
 CONFIGS = {
-    "llama": dict(
-        model_type="llama",
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=4,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        head_dim=64,
-        vocab_size=49152,
-        max_position_embeddings=4096,
-        initializer_range=0.15,
-        tie_word_embeddings=True,
-    ),
-    "gemma3": dict(
-        model_type="gemma3_text",
-        hidden_size=640,
-        intermediate_size=2048,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=256,
-        vocab_size=262144,
-        query_pre_attn_scalar=256,
-        sliding_window=128,
-        layer_types=["sliding_attention"] * 5 + ["full_attention"],
-        max_position_embeddings=4096,
-        initializer_range=0.15,
-        tie_word_embeddings=True,
-    ),
+    "llama": {**ARCHITECTURES["smollm2-135m"], "num_hidden_layers": 4},
+    "gemma3": {
+        **ARCHITECTURES["gemma3-270m"],
+        "num_hidden_layers": 6,
+        "sliding_window": 128,
+        "layer_types": ["sliding_attention"] * 5 + ["full_attention"],
+    },
 }
+for _config in CONFIGS.values():
+    _config.update(max_position_embeddings=4096, initializer_range=0.15)
 
 
 class _IdsOnly:
