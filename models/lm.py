@@ -455,19 +455,10 @@ class LMCompressor:
         layers = int(self.model.config.num_hidden_layers)
 
         def run(prepared: _Prepared) -> torch.Tensor:
-            assert prepared.bounds is not None and prepared.positions is not None and prepared.cu_seq_lens is not None
+            assert prepared.bounds is not None
             capture: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-            kwargs: dict[str, object] = dict(
-                input_ids=self._to_device(prepared.ids),
-                position_ids=self._to_device(prepared.positions),
-                use_cache=False,
-                cu_seq_lens_q=self._to_device(prepared.cu_seq_lens),
-                max_length_q=max(b - a for a, b in zip(prepared.bounds[:-1], prepared.bounds[1:], strict=True)),
-                cu_seq_lens_host=prepared.bounds,
-                codelen_capture=capture,
-            )
             with packed_attention(self.model):  # eager: the capture is a side effect
-                hidden = self._body(**kwargs).last_hidden_state
+                hidden = self._body(**self._packed_kwargs(prepared), codelen_capture=capture).last_hidden_state
             flat = hidden.reshape(-1, hidden.shape[-1])
             bits = self._head_bits(flat[self._to_device(prepared.index)], self._to_device(prepared.targets))
             assert prepared.items is not None
@@ -569,16 +560,8 @@ class LMCompressor:
                 # A host list that changes per batch is not handed to the compiled body on CUDA.
                 bounds_k=prepared.bounds_k if self._device.type != "cuda" else None,
             )
-            kwargs: dict[str, object] = dict(
-                input_ids=self._to_device(prepared.ids),
-                position_ids=self._to_device(prepared.positions),  # type: ignore[arg-type]
-                use_cache=False,
-                cu_seq_lens_q=self._to_device(prepared.cu_seq_lens),  # type: ignore[arg-type]
-                max_length_q=max(b - a for a, b in zip(prepared.bounds[:-1], prepared.bounds[1:], strict=True)),
-                codelen_prefix=rows,
-            )
-            if self._device.type != "cuda":
-                kwargs["cu_seq_lens_host"] = prepared.bounds
+            kwargs = self._packed_kwargs(prepared)
+            kwargs["codelen_prefix"] = rows
             with packed_attention(self.model):
                 hidden = self._packed_body(kwargs)
             last = torch.cat([s.last_hidden for s in states])
@@ -748,28 +731,31 @@ class LMCompressor:
     def _run_windows(self, prepared: _Prepared, states: bool = False) -> torch.Tensor:
         """Bits of the scored positions of each window, concatenated in batch order (on the device);
         with `states`, one row per position: its bits, then the hidden state that predicted it."""
-        ids = self._to_device(prepared.ids)
         if prepared.cu_seq_lens is None:
             # Right padding: causal attention never sees it, so no mask (and SDPA's causal kernel).
-            hidden = self._body(input_ids=ids, use_cache=False).last_hidden_state
+            hidden = self._body(input_ids=self._to_device(prepared.ids), use_cache=False).last_hidden_state
         else:
-            assert prepared.positions is not None and prepared.bounds is not None
-            lengths = [b - a for a, b in zip(prepared.bounds[:-1], prepared.bounds[1:], strict=True)]
-            kwargs: dict[str, object] = dict(
-                input_ids=ids,
-                position_ids=self._to_device(prepared.positions),
-                use_cache=False,
-                cu_seq_lens_q=self._to_device(prepared.cu_seq_lens),
-                max_length_q=max(lengths),
-            )
-            if self._device.type != "cuda":
-                kwargs["cu_seq_lens_host"] = prepared.bounds  # the per-window loop needs them on the host
             with packed_attention(self.model):
-                hidden = self._packed_body(kwargs)
+                hidden = self._packed_body(self._packed_kwargs(prepared))
         flat = hidden.reshape(-1, hidden.shape[-1])
         picked = flat[self._to_device(prepared.index)]
         bits = self._head_bits(picked, self._to_device(prepared.targets))
         return torch.cat([bits[:, None], picked.to(torch.float32)], dim=1) if states else bits
+
+    def _packed_kwargs(self, prepared: _Prepared) -> dict[str, object]:
+        """The body's keywords for a packed batch: ids, positions restarting per window, and the
+        windows' bounds (on the CPU also as a host list, for the per-window attention)."""
+        assert prepared.positions is not None and prepared.cu_seq_lens is not None and prepared.bounds is not None
+        kwargs: dict[str, object] = dict(
+            input_ids=self._to_device(prepared.ids),
+            position_ids=self._to_device(prepared.positions),
+            use_cache=False,
+            cu_seq_lens_q=self._to_device(prepared.cu_seq_lens),
+            max_length_q=max(b - a for a, b in zip(prepared.bounds[:-1], prepared.bounds[1:], strict=True)),
+        )
+        if self._device.type != "cuda":
+            kwargs["cu_seq_lens_host"] = prepared.bounds
+        return kwargs
 
     def _packed_body(self, kwargs: dict[str, object]) -> torch.Tensor:
         if self._compiled_body is not None:
