@@ -8,9 +8,10 @@ carries the label in a linearly readable form, and a small supervised coder on t
 By Bayes, C(y | x) = C(x | y) + C(y) - C(x), so both kinds rank labels by the same quantity; the
 probe estimates it directly and, on the measured sets, better (docs/BENCHMARKS.md).
 
-Features: the mean over x's tokens of the state that predicts each token (`token_states`; texts
-longer than the window go through its sliding windows), standardized per dimension over the
-examples. Training: cross-entropy + `weight_decay` · |W|² (bias not penalized), L-BFGS in float64.
+Features: the mean over x's first `max_tokens` tokens (512; all of them if null) of the state that
+predicts each token (`token_states`; texts longer than the window go through its sliding windows),
+standardized per dimension over the examples. Training: cross-entropy + `weight_decay` · |W|²
+(bias not penalized), L-BFGS in float64.
 `weight_decay` "auto" picks from WEIGHT_DECAYS by `folds`-fold cross-validation on the examples
 (seeded folds, ties to the stronger penalty), so nothing is tuned on the texts being predicted.
 
@@ -33,6 +34,9 @@ from classify.knn_lm import StateCompressor, states_in_chunks
 
 WEIGHT_DECAYS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 AUTO_FALLBACK = 1.0  # "auto" with a single example
+# R8 (docs/BENCHMARKS.md): the first 64 / 128 / 256 / 512 tokens / all gave 0.893 / 0.902 / 0.902 /
+# 0.884 / 0.884; AG News and SMS texts are shorter than this. A long document costs at most this.
+MAX_TOKENS = 512
 _LN2 = 0.6931471805599453
 
 
@@ -44,6 +48,12 @@ class ProbeOptions(BaseModel):
     )
     folds: int = Field(default=5, ge=2, le=20, description="cross-validation folds for weight_decay 'auto'")
     max_iter: int = Field(default=200, ge=1, le=10_000, description="L-BFGS iterations per fit")
+    max_tokens: int | None = Field(
+        default=MAX_TOKENS,
+        ge=1,
+        description="a text's features come from its first max_tokens tokens (bounds the cost of long documents); "
+        "null: all of it",
+    )
     seed: int = Field(default=0, description="fold assignment and exact ties")
 
 
@@ -124,6 +134,8 @@ class ProbeClassifier:
         """Mean final state per text (float64). A text with no tokens gets the examples' mean,
         zero after standardizing, so its prediction is the coder's prior (at fit: zeros)."""
         seqs = [self.compressor.encode(t) for t in texts]  # raises TokenizationError on text the model cannot code
+        if self.opts.max_tokens is not None:
+            seqs = [s[: self.opts.max_tokens] for s in seqs]
         rows = []
         for _, states in states_in_chunks(self.compressor, seqs):
             if len(states):

@@ -546,9 +546,20 @@ def test_probe_needs_a_language_model_and_valid_options(tiny) -> None:
         resolve_model("probe", "gzip", "smollm2-135m")
     with pytest.raises(MethodError, match="needs a language model"):
         build("probe", lambda: ClassicalCompressor("zstd"), ["a b", "c d"], ["x", "y"])
-    for bad in ({"weight_decay": -1.0}, {"weight_decay": "big"}, {"folds": 1}):
+    for bad in ({"weight_decay": -1.0}, {"weight_decay": "big"}, {"folds": 1}, {"max_tokens": 0}):
         with pytest.raises(MethodError, match="options/"):
             build("probe", lambda: tiny, ["a b", "c d"], ["x", "y"], bad)
+
+
+def test_probe_reads_the_first_max_tokens_of_a_text(tiny) -> None:
+    """The byte tokenizer makes a token a character: with max_tokens 12, a text and its first 12
+    characters get the same bits; without the cap the rest of the text counts."""
+    texts, labels = [e.text for e in TRAIN], [e.label for e in TRAIN]
+    long = "rocket orbit nasa planet telescope astronaut moon launch"
+    capped = build("probe", lambda: tiny, texts, labels, {"weight_decay": 0.1, "max_tokens": 12})
+    assert capped.bits([long]) == capped.bits([long[:12]])
+    whole = build("probe", lambda: tiny, texts, labels, {"weight_decay": 0.1, "max_tokens": None})
+    assert whole.bits([long]) != whole.bits([long[:12]])
 
 
 def test_probe_over_http(api: httpx.Client) -> None:
