@@ -7,10 +7,16 @@
 #
 # Results go to $OUT (the device tool's folder) or benchmarks/results/latest: logs, one JSON per
 # model, and the printed tables. Random weights with the real shapes (the weights do not travel).
+# Wheels carried in .whl/ (e.g. the transformers version the CPU tests use; that machine has no
+# registry) are installed to /tmp/site first and put ahead of the image's packages.
 set -u
 out=${OUT:-benchmarks/results/latest}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
+        export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
 stage=${1:-}
 shift || true
 case "$stage" in
