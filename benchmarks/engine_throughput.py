@@ -12,6 +12,8 @@ log-uniform; --quick: 16 sequences of 32 to 512), every sequence fitting one 2,0
   (packed, padded) as variants; peak memory is the engine's (CUDA: max allocated; CPU: the
   process's max RSS, which includes the model and the HF runs);
 - max_rel_err: |engine - HF| / HF of each sequence's code length, the largest;
+- uniform_256: ANCHORS' form of the HF baseline (equal 256-token sequences, batches of 256 rows;
+  64 for Gemma) against the engine on the same sequences;
 - matrix: N x N NCD of N texts of 256 tokens, all four code lengths of each of the N(N-1)/2
   unordered pairs (N LEN tasks and N(N-1) conditionals in one score call), with prefix reuse
   off and on; pairs/s and the largest relative difference between the two.
@@ -233,6 +235,33 @@ def profile(comp: LMCompressor, seqs: list[list[int]], device: str, path: str) -
     Path(path).write_text(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90))
 
 
+def uniform_256(comp: LMCompressor, device: str, quick: bool, seed: int = 2) -> dict[str, object]:
+    """ANCHORS' form of the HF baseline: equal 256-token sequences in padded batches of 256 rows (64
+    for Gemma's vocabulary: the full fp32 log-softmax must fit), against the engine on the same
+    sequences, in this run."""
+    vocab = comp._vocab
+    if device == "cuda":
+        rows = min(256, (40 << 30) // (256 * vocab * 10))  # bf16 logits + fp32 copy + log-softmax
+        batches = 4
+    else:
+        rows, batches = 4, 1 if quick else 2
+    gen = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(3, vocab, (255,), generator=gen).tolist() for _ in range(rows * batches)]
+    model, start = comp.model, comp.start_token_id
+    with torch.inference_mode():
+        hf_bits(model, seqs[:rows], start, device)  # warm-up at the batch shape
+        hf_time, _ = timed(
+            lambda: [hf_bits(model, seqs[k : k + rows], start, device) for k in range(0, len(seqs), rows)], device
+        )
+    comp.token_bits(seqs[:rows])
+    engine_time, _ = timed(lambda: comp.token_bits(seqs), device)
+    tokens = 256 * len(seqs)
+    return {
+        "uniform_256_tokens_per_s": {"hf_padded": tokens / hf_time, "engine": tokens / engine_time},
+        "uniform_256": {"sequences": len(seqs), "hf_batch_rows": rows},
+    }
+
+
 def matrix(comp: LMCompressor, n: int, seed: int = 1) -> dict[str, object]:
     gen = torch.Generator().manual_seed(seed)
     texts = [tuple(torch.randint(3, comp._vocab, (256,), generator=gen).tolist()) for _ in range(n)]
@@ -332,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         else "process max RSS (model, HF baselines and engine together)",
         "max_rel_err": max(errors),
     }
+    result.update(uniform_256(comp, device, args.quick))
     result.update(matrix(comp, 64 if device == "cuda" and not args.quick else 8))
     result["conditions"] = {
         "device": device,
@@ -365,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(r: dict) -> str:
-    c, tps, m = r["conditions"], r["tokens_per_s"], r["matrix_pairs_per_s"]
+    c, tps, m, u = r["conditions"], r["tokens_per_s"], r["matrix_pairs_per_s"], r["uniform_256_tokens_per_s"]
     lines = [
         f"{c['model']} on {c['device_name']} ({c['dtype']}, {c['weights']}), {c['date']}, torch {c['torch']}",
         f"corpus: {c['corpus']}",
@@ -382,6 +412,8 @@ def table(r: dict) -> str:
         f"MFU {r['mfu']:.2%} of a measured matmul peak of {r['matmul_peak_flops'] / 1e12:.3f} TFLOP/s "
         f"(HF padded: {r['mfu_hf_padded']:.2%}); peak memory {r['peak_memory_bytes'] / 2**20:,.0f} MiB "
         f"({r['peak_memory_kind']}); max relative error vs HF {r['max_rel_err']:.1e}",
+        f"equal 256-token sequences, HF in padded batches of {r['uniform_256']['hf_batch_rows']} (ANCHORS' form): "
+        f"HF {u['hf_padded']:,.0f} tokens/s, engine {u['engine']:,.0f} ({u['engine'] / u['hf_padded']:.2f}x)",
         f"matrix {r['matrix']['texts']}x{r['matrix']['texts']} of 256-token texts: {m['no_reuse']:,.3g} pairs/s "
         f"without prefix reuse, {m['prefix_reuse']:,.3g} with ({m['prefix_reuse'] / m['no_reuse']:.2f}x; "
         f"max relative difference {r['matrix']['max_rel_err_reuse_vs_plain']:.1e})",
