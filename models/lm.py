@@ -194,6 +194,16 @@ def _chunk_bits(logits: torch.Tensor, targets: torch.Tensor, softcap: float | No
     return (torch.logsumexp(logits, dim=1) - target_logits) / _LN2
 
 
+def _totals_in_order(done: list[tuple[list, torch.Tensor]], lengths: list[int], order: list[int]) -> list[float]:
+    """Each target's total bits from the per-token bits of the batches run (targets in the sorted
+    order whose lengths are `lengths`), put back in input order: target order[k] is sorted one k."""
+    bits = torch.cat([b for _, b in done]).to("cpu", torch.float64) if done else torch.zeros(0)
+    result = [0.0] * len(order)
+    for i, part in zip(order, bits.split(lengths), strict=True):
+        result[i] = float(part.sum())
+    return result
+
+
 def _mixed_precision_head(weight: torch.Tensor) -> bool:
     """Whether the device multiplies low-precision operands into fp32 logits (torch.mm out_dtype):
     tensor-core speed with the same products as an fp32 matmul of the same values."""
@@ -570,12 +580,7 @@ class LMCompressor:
 
         sorted_items = [items[i] for i in order]
         done = self._pipeline(self._cut(sorted_items, cost), prepare, run, cost)
-        bits = torch.cat([b for _, b in done]).to("cpu", torch.float64) if done else torch.zeros(0)
-        sums = [float(part.sum()) for part in bits.split([len(t) for _, t in sorted_items])]
-        result = [0.0] * len(items)
-        for i, total in zip(order, sums, strict=True):
-            result[i] = total
-        return result
+        return _totals_in_order(done, [len(t) for _, t in sorted_items], order)
 
     def _prefix_state(self, prefix: tuple[int, ...]) -> PrefixState:
         """Run [BOS] + prefix once; its cache, last hidden state and C(prefix)."""
@@ -625,12 +630,7 @@ class LMCompressor:
         # Deterministic: one target per forward, so its bits never depend on its neighbours' lengths.
         batches = [[t] for t in sorted_targets] if self.deterministic else self._cut(sorted_targets, cost)
         done = self._pipeline(batches, prepare, run, cost)
-        bits = torch.cat([b for _, b in done]).to("cpu", torch.float64) if done else torch.zeros(0)
-        sums = [float(part.sum()) for part in bits.split([len(t) for t in sorted_targets])]
-        result = [0.0] * len(targets)
-        for i, total in zip(order, sums, strict=True):
-            result[i] = total
-        return result
+        return _totals_in_order(done, [len(t) for t in sorted_targets], order)
 
     @torch.inference_mode()
     def token_bits(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
