@@ -291,7 +291,7 @@ class ClassifierService:
 
         async def save(**changes: object) -> None:
             job.update(changes, updated_at=time.time())
-            await (self.store.finish_job(job) if job["status"] == "succeeded" else self.store.put_job(job))
+            await self._write(job)
 
         async def beating(awaitable):
             """Await it, refreshing updated_at every heartbeat however long it takes."""
@@ -339,13 +339,17 @@ class ClassifierService:
             log.warning("prediction job %s failed %s: %s", job["id"], where, reason, exc_info=True)
             await self._fail(job, f"prediction failed {where}: {reason}")
 
+    async def _write(self, job: dict) -> None:
+        """Store the job; a finished one drops what only a resume needed (texts, results so far)."""
+        await (self.store.finish_job(job) if job["status"] in ("succeeded", "failed") else self.store.put_job(job))
+
     async def _fail(self, job: dict, error: str) -> None:
         await self._save_quietly(job, status="failed", error=error, updated_at=time.time())
 
     async def _save_quietly(self, job: dict, **changes: object) -> None:
         job.update(changes)
         try:
-            await (self.store.finish_job(job) if job["status"] == "failed" else self.store.put_job(job))
+            await self._write(job)
         except Exception:  # the store is gone too: the stale rule reports the job as lost
             log.exception("could not record prediction job %s as %s", job["id"], job["status"])
 
