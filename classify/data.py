@@ -146,9 +146,12 @@ def split(
 ) -> Split:
     """Seeded split with at most `test_per_class` test and `train_per_class` training examples per
     label (None: all the rest). Units are groups (an example without a group is its own unit), so a
-    group lands wholly in test or wholly in train. Test is filled first; a training example whose
-    text equals a test text is dropped. With `test_examples` (a separate test file), those are
-    sampled for test and `examples` for train."""
+    group never straddles train and test. Test is filled first, unit by unit in seeded order: a unit
+    gives the examples whose label still has room (in seeded order within the unit); the rest of a
+    unit that gave any is then unused, and untouched units go on to training, which is filled the
+    same way. So the quotas are met exactly whenever the data holds enough, even with large groups
+    of mixed labels. A training example whose text equals a test text is dropped. With
+    `test_examples` (a separate test file), those are sampled for test and `examples` for train."""
     rng = random.Random(seed)
 
     def units(items: Sequence[Example], tag: str) -> list[list[Example]]:
@@ -156,6 +159,8 @@ def split(
         for i, e in enumerate(items):
             by_group[f"g:{e.group}" if e.group is not None else f"{tag}:{i}"].append(e)
         out = list(by_group.values())
+        for unit in out:
+            rng.shuffle(unit)
         rng.shuffle(out)
         return out
 
@@ -167,10 +172,13 @@ def split(
         for unit in pool:
             kept = [e for e in unit if e.text not in exclude]
             dropped += len(unit) - len(kept)
-            need = Counter(e.label for e in kept)
-            if kept and (quota is None or all(counts[lab] + c <= quota for lab, c in need.items())):
-                taken.extend(kept)
-                counts.update(need)
+            given = []
+            for e in kept:
+                if quota is None or counts[e.label] < quota:
+                    given.append(e)
+                    counts[e.label] += 1
+            if given:
+                taken.extend(given)
             else:
                 rest.append(unit)
         return taken, rest, dropped

@@ -79,6 +79,18 @@ def test_split_never_puts_a_group_on_both_sides() -> None:
         assert len(s.train) + len(s.test) == len(examples)
 
 
+def test_split_meets_quotas_exactly_with_large_mixed_groups() -> None:
+    # 30 groups of 31 examples, labels mixed within each (like reviews grouped by movie): whole
+    # groups alone could not hit 25 / 40 per label exactly.
+    examples = [Example(f"review {i}", "ab"[(i * 7) % 3 % 2], group=f"movie {i // 31}") for i in range(930)]
+    for seed in range(3):
+        s = split(examples, train_per_class=40, test_per_class=25, seed=seed)
+        assert Counter(e.label for e in s.test) == {"a": 25, "b": 25}
+        assert Counter(e.label for e in s.train) == {"a": 40, "b": 40}
+        assert not {e.group for e in s.train} & {e.group for e in s.test}
+        assert not s.notes
+
+
 def test_loaders(tmp_path) -> None:
     (tmp_path / "d.csv").write_text('label,text,group\nx,"hello, world",1\ny,bye,2\n')
     assert load_examples(tmp_path / "d.csv") == [Example("hello, world", "x", "1"), Example("bye", "y", "2")]
