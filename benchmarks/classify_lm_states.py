@@ -30,16 +30,18 @@ class Memo:
     """The compressor with `token_states` computed once per sequence."""
 
     def __init__(self, lm) -> None:
-        self.lm, self.cache, self.info = lm, {}, lm.info
+        self.lm, self.cache, self.info, self.num_layers = lm, {}, lm.info, lm.num_layers
 
     def encode(self, text: str):
         return self.lm.encode(text)
 
-    def token_states(self, sequences):
-        todo = list(dict.fromkeys(tuple(s) for s in sequences if tuple(s) not in self.cache))
-        for seq, out in zip(todo, self.lm.token_states(todo) if todo else [], strict=True):
-            self.cache[seq] = out
-        return [self.cache[tuple(s)] for s in sequences]
+    def token_states(self, sequences, layers=()):
+        keys = [(tuple(s), tuple(layers)) for s in sequences]
+        todo = list(dict.fromkeys(k for k in keys if k not in self.cache))
+        outs = self.lm.token_states([list(k[0]) for k in todo], layers) if todo else []
+        for key, out in zip(todo, outs, strict=True):
+            self.cache[key] = out
+        return [self.cache[k] for k in keys]
 
 
 def main() -> int:

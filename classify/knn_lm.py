@@ -46,16 +46,23 @@ class StateCompressor(Protocol):
     """A compressor that also exposes, per token, its bits and the state that predicted it
     (`LMCompressor.token_states`)."""
 
+    @property
+    def num_layers(self) -> int: ...
+
     def encode(self, text: str) -> Symbols: ...
 
-    def token_states(self, sequences: Sequence[Sequence[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]: ...
+    def token_states(
+        self, sequences: Sequence[Sequence[int]], layers: Sequence[int] = ()
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
-def states_in_chunks(compressor: StateCompressor, seqs: Sequence[Symbols]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def states_in_chunks(
+    compressor: StateCompressor, seqs: Sequence[Symbols], layers: Sequence[int] = ()
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`token_states` of many sequences, TEXTS_PER_CALL at a time (bounded CPU copies of the states)."""
     out: list[tuple[torch.Tensor, torch.Tensor]] = []
     for i in range(0, len(seqs), TEXTS_PER_CALL):
-        out += compressor.token_states(seqs[i : i + TEXTS_PER_CALL])
+        out += compressor.token_states(seqs[i : i + TEXTS_PER_CALL], layers)
     return out
 
 

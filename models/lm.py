@@ -186,6 +186,34 @@ def _kv_bytes_per_token(model: PreTrainedModel) -> int:
     return 2 * int(config.num_hidden_layers) * kv_heads * head_dim * model.dtype.itemsize
 
 
+class _BlockSum:
+    """Within `with`, sums the outputs of the body's blocks `layers` (1-based) over the forward
+    passes made; `mean(index)` is their mean at the flat positions `index`. Forward hooks that only
+    read, so the forward itself is unchanged; no layers: no hooks."""
+
+    def __init__(self, body: torch.nn.Module, layers: tuple[int, ...]) -> None:
+        self._blocks = [body.layers[i - 1] for i in layers]  # type: ignore[index]
+        self._total: torch.Tensor | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _add(self, _module: torch.nn.Module, _args: object, output: object) -> None:
+        out = output[0] if isinstance(output, tuple) else output
+        assert isinstance(out, torch.Tensor)
+        self._total = out.float() if self._total is None else self._total + out.float()
+
+    def __enter__(self) -> _BlockSum:
+        self._handles = [block.register_forward_hook(self._add) for block in self._blocks]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def mean(self, index: torch.Tensor) -> torch.Tensor:
+        assert self._total is not None, "no forward pass ran through the blocks"
+        return self._total.reshape(-1, self._total.shape[-1])[index] / len(self._blocks)
+
+
 def _chunk_bits(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None) -> torch.Tensor:
     """-log2 softmax(logits)[target] for one chunk of fp32 logits."""
     if softcap is not None:
@@ -639,16 +667,30 @@ class LMCompressor:
             return self._token_bits(sequences)
 
     @torch.inference_mode()
-    def token_states(self, sequences: Sequence[Sequence[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def token_states(
+        self, sequences: Sequence[Sequence[int]], layers: Sequence[int] = ()
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per sequence: its per-token bits (float64, CPU), as `token_bits`, and the final hidden
         state that predicts each token (float32, CPU, shape (len(seq), hidden size)): row i is the
         state after start + seq[:i], the input of the vocabulary head for token i. Same windows as
-        `token_bits`, so a row never depends on what follows its token."""
+        `token_bits`, so a row never depends on what follows its token.
+
+        With `layers` (block numbers, 1 = the first block's output, as HF's `hidden_states[i]`;
+        at most `num_layers`), each row also carries the mean of those blocks' outputs at the same
+        position: shape (len(seq), 2 × hidden size), the final state first. Same forward pass."""
+        layers = tuple(dict.fromkeys(int(i) for i in layers))
+        if any(not 1 <= i <= self.num_layers for i in layers):
+            raise ValueError(f"layers must be in [1, {self.num_layers}], got {list(layers)}")
         with self._lock:
-            return self._token_bits(sequences, states=True)  # type: ignore[return-value]
+            return self._token_bits(sequences, states=True, layers=layers)  # type: ignore[return-value]
+
+    @property
+    def num_layers(self) -> int:
+        """Transformer blocks in the model."""
+        return len(self._body.layers)
 
     def _token_bits(
-        self, sequences: Sequence[Sequence[int]], states: bool = False
+        self, sequences: Sequence[Sequence[int]], states: bool = False, layers: tuple[int, ...] = ()
     ) -> list[torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]]:
         full = [self._with_start(seq) for seq in sequences]
         windows = [
@@ -658,10 +700,10 @@ class LMCompressor:
         ]
         windows.sort(key=lambda w: w.length, reverse=True)
         result = [torch.zeros(len(seq), dtype=torch.float64) for seq in sequences]
-        width = self._head_weight.shape[1]
+        width = self._head_weight.shape[1] * (2 if layers else 1)
         hidden = [torch.zeros(len(seq), width, dtype=torch.float32) for seq in sequences] if states else []
         cost = self._packed_cost if self.packing else self._padded_cost
-        run = (lambda p: self._run_windows(p, states=True)) if states else self._run_windows
+        run = (lambda p: self._run_windows(p, states=True, layers=layers)) if states else self._run_windows
         done = self._pipeline(self._cut(windows, cost), lambda batch: self._prepare(batch, full), run, cost)
         if done:
             # One transfer, one sync. With states, column 0 is the bits and the rest the state.
@@ -728,19 +770,28 @@ class LMCompressor:
         index = torch.cat([r * width + p for r, p in enumerate(predictors)])
         return _Prepared(ids=ids, index=index, targets=targets)
 
-    def _run_windows(self, prepared: _Prepared, states: bool = False) -> torch.Tensor:
+    def _run_windows(self, prepared: _Prepared, states: bool = False, layers: tuple[int, ...] = ()) -> torch.Tensor:
         """Bits of the scored positions of each window, concatenated in batch order (on the device);
-        with `states`, one row per position: its bits, then the hidden state that predicted it."""
-        if prepared.cu_seq_lens is None:
-            # Right padding: causal attention never sees it, so no mask (and SDPA's causal kernel).
-            hidden = self._body(input_ids=self._to_device(prepared.ids), use_cache=False).last_hidden_state
-        else:
-            with packed_attention(self.model):
-                hidden = self._packed_body(self._packed_kwargs(prepared))
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        picked = flat[self._to_device(prepared.index)]
+        with `states`, one row per position: its bits, then the hidden state that predicted it,
+        then (with `layers`) the mean of those blocks' outputs there."""
+        with _BlockSum(self._body, layers) as blocks:
+            if prepared.cu_seq_lens is None:
+                # Right padding: causal attention never sees it, so no mask (and SDPA's causal kernel).
+                hidden = self._body(input_ids=self._to_device(prepared.ids), use_cache=False).last_hidden_state
+            else:
+                with packed_attention(self.model):
+                    # Hooks on a compiled graph would recompile it: the block sums run eager.
+                    kwargs = self._packed_kwargs(prepared)
+                    hidden = self._body(**kwargs).last_hidden_state if layers else self._packed_body(kwargs)
+        index = self._to_device(prepared.index)
+        picked = hidden.reshape(-1, hidden.shape[-1])[index]
         bits = self._head_bits(picked, self._to_device(prepared.targets))
-        return torch.cat([bits[:, None], picked.to(torch.float32)], dim=1) if states else bits
+        if not states:
+            return bits
+        columns = [bits[:, None], picked.to(torch.float32)]
+        if layers:
+            columns.append(blocks.mean(index).to(torch.float32))
+        return torch.cat(columns, dim=1)
 
     def _packed_kwargs(self, prepared: _Prepared) -> dict[str, object]:
         """The body's keywords for a packed batch: ids, positions restarting per window, and the

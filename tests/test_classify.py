@@ -424,7 +424,9 @@ def test_eval_cli(tmp_path, capsys) -> None:
     fitted = result["fitted"]  # what cross-validation chose is in the report
     assert str(fitted["weight_decay"]) in fitted["cv_accuracy"] and len(fitted["cv_accuracy"]) == 7
     assert codelen_main([*probe, "--option", "weight_decay=0.5", "--quiet"]) == 0
-    assert 'probe fitted: {"weight_decay": 0.5}' in capsys.readouterr().out
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("probe fitted: ")]
+    chosen = json.loads(line.removeprefix("probe fitted: "))
+    assert chosen["weight_decay"] == 0.5 and chosen["features"] in chosen["features_cv_accuracy"]
 
 
 # -- knn-lm --------------------------------------------------------------------------------
@@ -507,8 +509,8 @@ def test_probe_bits_are_the_label_code_length_of_a_fitted_linear_coder(tiny) -> 
     from classify.probe import fit_linear
 
     texts, labels = [e.text for e in TRAIN], [e.label for e in TRAIN]
-    clf = build("probe", lambda: tiny, texts, labels, {"weight_decay": 0.1})
-    assert clf.weight_decay == 0.1 and clf.cv_accuracy == {}
+    clf = build("probe", lambda: tiny, texts, labels, {"weight_decay": 0.1, "features": "mean"})
+    assert clf.weight_decay == 0.1 and clf.cv_accuracy == {} and clf.features == "mean"
 
     def mean_state(t: str) -> torch.Tensor:
         ((_, states),) = tiny.token_states([tiny.encode(t)])
@@ -525,6 +527,37 @@ def test_probe_bits_are_the_label_code_length_of_a_fitted_linear_coder(tiny) -> 
     assert [pred.bits[lab] for lab in sorted(VOCAB)] == pytest.approx(expected, abs=1e-6)
     assert sum(2.0**-b for b in pred.bits.values()) == pytest.approx(1.0)  # a code for the label
     assert pred.scores == pytest.approx({lab: 2.0**-b for lab, b in pred.bits.items()})
+
+
+def test_probe_mean_last_adds_the_state_after_the_text_from_the_middle_blocks(tiny) -> None:
+    """features mean_last: z = [mean final state, mean over the blocks in last_depth of the state
+    after the text's last token], the latter read here from a plain HF forward over BOS + text."""
+    from classify.probe import fit_linear, last_blocks
+
+    assert last_blocks(30, (0.5, 0.75)) == tuple(range(15, 23)) and last_blocks(18, (0.5, 0.75)) == (9, 10, 11, 12, 13)
+    assert last_blocks(2, (0.5, 0.75)) == (1,) and last_blocks(2, (1.0, 1.0)) == (2,)
+    texts, labels = [e.text for e in TRAIN], [e.label for e in TRAIN]
+    clf = build(
+        "probe", lambda: tiny, texts, labels, {"weight_decay": 0.1, "features": "mean_last", "last_depth": [0.5, 0.5]}
+    )
+    body = tiny.model.base_model
+
+    def features(t: str) -> torch.Tensor:
+        with torch.inference_mode():
+            hidden = body(input_ids=torch.tensor([[tiny.start_token_id, *tiny.encode(t)]]), output_hidden_states=True)
+        # block 1's output after the whole text; the mean of the final states that predict its tokens
+        return torch.cat([hidden.last_hidden_state[0, :-1].mean(0), hidden.hidden_states[1][0, -1]]).double()
+
+    raw = torch.stack([features(t) for t in texts])
+    z = (raw - raw.mean(0)) / (raw.std(0) + 1e-3)
+    y = torch.tensor([sorted(VOCAB).index(lab) for lab in labels])
+    w, b = fit_linear(z, y, 3, 0.1, 200)
+    x = TEST[1].text
+    logits = ((features(x) - raw.mean(0)) / (raw.std(0) + 1e-3)) @ w + b
+    expected = (-torch.log_softmax(logits, 0) / math.log(2)).tolist()
+    (pred,) = clf.predict([x])
+    assert [pred.bits[lab] for lab in sorted(VOCAB)] == pytest.approx(expected, abs=1e-4)
+    assert clf.fitted() == {"features": "mean_last", "weight_decay": 0.1}
 
 
 def test_probe_beats_chance_with_random_weights_and_is_batch_independent(tiny) -> None:
@@ -545,6 +578,11 @@ def test_probe_weight_decay_by_cross_validation_on_the_examples(tiny) -> None:
     assert set(clf.cv_accuracy) == set(WEIGHT_DECAYS)
     best = max(clf.cv_accuracy.values())
     assert clf.weight_decay == max(wd for wd, a in clf.cv_accuracy.items() if a == best)
+    # the features too: the chosen set has the best accuracy of both, ties to "mean"
+    by_features = clf.features_cv_accuracy
+    assert set(clf.fitted()["features_cv_accuracy"]) == set(by_features)
+    assert set(by_features) == {"mean", "mean_last"} and by_features[clf.features] == best == max(by_features.values())
+    assert clf.features == "mean" or by_features["mean"] < best
     again = build("probe", lambda: tiny, texts, labels, {"folds": 3})
     assert again.cv_accuracy == clf.cv_accuracy  # seeded folds: the same choice in every process
     one = build("probe", lambda: tiny, texts[:1], labels[:1])  # nothing to cross-validate on
@@ -558,7 +596,16 @@ def test_probe_needs_a_language_model_and_valid_options(tiny) -> None:
         resolve_model("probe", "gzip", "smollm2-135m")
     with pytest.raises(MethodError, match="needs a language model"):
         build("probe", lambda: ClassicalCompressor("zstd"), ["a b", "c d"], ["x", "y"])
-    for bad in ({"weight_decay": -1.0}, {"weight_decay": "big"}, {"folds": 1}, {"max_tokens": 0}):
+    for bad in (
+        {"weight_decay": -1.0},
+        {"weight_decay": "big"},
+        {"folds": 1},
+        {"max_tokens": 0},
+        {"features": "max"},
+        {"last_depth": [0.75, 0.5]},
+        {"last_depth": [0.0, 0.5]},
+        {"last_depth": [0.5]},
+    ):
         with pytest.raises(MethodError, match="options/"):
             build("probe", lambda: tiny, ["a b", "c d"], ["x", "y"], bad)
 

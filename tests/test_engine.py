@@ -273,3 +273,36 @@ def test_token_states_are_the_head_inputs_of_a_plain_forward(packing: bool) -> N
             assert torch.allclose(hidden[40], window[40 - 16], rtol=REL, atol=1e-4)
     alone = comp.token_states(seqs[5:6])[0]
     assert torch.equal(alone[0], states[5][0]) and torch.equal(alone[1], states[5][1])
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_token_states_with_layers_add_the_mean_of_those_blocks_outputs(packing: bool) -> None:
+    """token_states(layers=…): the final states as without layers, then the mean of HF's
+    hidden_states[i] over those blocks at the same positions; bad block numbers are refused."""
+    comp = tiny_compressor(context_tokens=32, stride=16, batch_tokens=300, packing=packing)
+    rng = random.Random(4)
+    seqs = [tokens(rng, rng.randrange(1, 31)) for _ in range(9)]
+    plain_states = comp.token_states(seqs)
+    body = comp.model.base_model
+    for layers in [(1,), (1, comp.num_layers)]:
+        for seq, (bits, states), (pbits, plain) in zip(
+            seqs, comp.token_states(seqs, layers), plain_states, strict=True
+        ):
+            width = comp.model.config.hidden_size
+            assert states.shape == (len(seq), 2 * width) and torch.equal(bits, pbits)
+            assert torch.allclose(states[:, :width], plain, rtol=REL, atol=1e-5)
+            ids = torch.tensor([[comp.start_token_id, *seq]])
+            with torch.inference_mode():
+                # hidden_states[i], but the last block's raw output (HF's last entry is after the final norm)
+                blocks = list(body(input_ids=ids, output_hidden_states=True).hidden_states[1:-1])
+                norm, body.norm = body.norm, torch.nn.Identity()
+                try:
+                    blocks.append(body(input_ids=ids).last_hidden_state)
+                finally:
+                    body.norm = norm
+            want = torch.stack([blocks[i - 1][0, :-1] for i in layers]).mean(0)
+            assert torch.allclose(states[:, width:], want, rtol=REL, atol=1e-4)
+            assert not torch.allclose(states[:, width:], plain, atol=1e-2)  # not the final states again
+    for bad in [(0,), (comp.num_layers + 1,)]:
+        with pytest.raises(ValueError, match="layers must be in"):
+            comp.token_states(seqs[:1], bad)
