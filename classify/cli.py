@@ -106,9 +106,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"codelen eval: {exc}", file=sys.stderr)
         return 2
 
-    def progress(done: int, total: int) -> None:
+    def progress(what: str, done: int, total: int) -> None:
         if not args.quiet:
-            print(f"\r  {done}/{total} texts", end="", file=sys.stderr, flush=True)
+            end = "\n" if what == "examples" and done == total else ""
+            print(f"\r  {done}/{total} {what}", end=end, file=sys.stderr, flush=True)
 
     reports = []
     for m, opts in runs:

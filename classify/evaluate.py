@@ -63,17 +63,55 @@ def scores(
     return correct / max(len(truth), 1), sum(f1s) / max(len(f1s), 1), confusion
 
 
+class _CountingStates:
+    """The compressor as it is, but until `stop()` its `token_states` calls report how many
+    examples have been read: the LM pass over the examples is the long part of fitting `probe` and
+    `knn-lm`."""
+
+    def __init__(self, compressor: object, total: int, progress: Callable[[str, int, int], None]) -> None:
+        self._compressor, self._total, self._done = compressor, total, 0
+        self._progress: Callable[[str, int, int], None] | None = progress
+
+    def stop(self) -> None:
+        self._progress = None
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._compressor, name)
+
+    def token_states(self, sequences: Sequence[Sequence[int]], layers: Sequence[int] = ()) -> list:
+        out = self._compressor.token_states(sequences, layers)  # type: ignore[attr-defined]
+        if self._progress is not None:
+            self._done = min(self._total, self._done + len(sequences))
+            self._progress("examples", self._done, self._total)
+        return out
+
+
 def evaluate(
     split: Split,
     method: str,
     model: str,
     compressor: Callable[[], Compressor],
     options: dict | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
     chunk: int = 16,
 ) -> Report:
+    """`progress(what, done, total)`: "examples" read while fitting (methods that read LM states),
+    then "texts" predicted."""
     started = time.perf_counter()
-    clf = build(method, compressor, [e.text for e in split.train], [e.label for e in split.train], options)
+    train_texts = [e.text for e in split.train]
+
+    counting: list[_CountingStates] = []
+
+    def fit_compressor() -> Compressor:
+        c = compressor()
+        if progress is None or not hasattr(c, "token_states"):
+            return c
+        counting.append(_CountingStates(c, len(train_texts), progress))
+        return counting[-1]  # type: ignore[return-value]
+
+    clf = build(method, fit_compressor, train_texts, [e.label for e in split.train], options)
+    for c in counting:
+        c.stop()  # prediction reports texts, below
     fit_s = time.perf_counter() - started
     texts = [e.text for e in split.test]
     predicted: list[str] = []
@@ -81,7 +119,7 @@ def evaluate(
     for i in range(0, len(texts), chunk):
         predicted.extend(p.label for p in clf.predict(texts[i : i + chunk]))
         if progress:
-            progress(len(predicted), len(texts))
+            progress("texts", len(predicted), len(texts))
     predict_s = time.perf_counter() - started
     truth = [e.label for e in split.test]
     labels = sorted(set(truth) | set(predicted) | set(clf.labels))

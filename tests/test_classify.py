@@ -429,6 +429,24 @@ def test_eval_cli(tmp_path, capsys) -> None:
     assert chosen["weight_decay"] == 0.5 and chosen["features"] in chosen["features_cv_accuracy"]
 
 
+def test_evaluate_reports_the_examples_read_while_fitting_then_the_texts(tiny) -> None:
+    from classify.data import Split
+    from classify.evaluate import evaluate
+
+    data = Split(list(TRAIN), list(TEST[:5]), 0, [])
+    events: list[tuple[str, int, int]] = []
+    report = evaluate(
+        data, "probe", "tiny-random", lambda: tiny, {"features": "mean_last"}, lambda *e: events.append(e)
+    )
+    fit = [e for e in events if e[0] == "examples"]
+    assert fit[-1] == ("examples", len(TRAIN), len(TRAIN)) and [e[1] for e in fit] == sorted(e[1] for e in fit)
+    assert events[len(fit) :] == [("texts", 5, 5)]  # prediction reports texts only, and after the fit
+    assert report.n_train == len(TRAIN) and report.fitted["features"] == "mean_last"
+    events.clear()
+    evaluate(data, "zstd-dict", "zstd", lambda: None, None, lambda *e: events.append(e))  # type: ignore[arg-type, return-value]
+    assert events == [("texts", 5, 5)]
+
+
 # -- knn-lm --------------------------------------------------------------------------------
 
 
