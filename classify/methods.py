@@ -54,7 +54,7 @@ METHODS = {
             "probe",
             ProbeOptions,
             None,
-            "recommended with an LM: C(label | x) under a linear coder of the label over the LM's mean state, "
+            "recommended with an LM: C(label | x) under a linear coder of the label over the LM's states of the text, "
             "trained on the examples; one LM pass per text",
             needs_lm=True,
         ),

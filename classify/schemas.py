@@ -25,7 +25,7 @@ class ClassifierRequest(_Strict):
         default="conditional",
         description=(
             "conditional: argmin C(x | label's data); probe (recommended with an LM): C(label | x) under a linear "
-            "coder over the LM's mean state, trained on the examples; knn-lm: the LM mixed with a token "
+            "coder over the LM's states of the text, trained on the examples; knn-lm: the LM mixed with a token "
             "memory of each label's examples, + gzip on the class corpus; fusion: the LM on each label's nearest "
             "examples + gzip; knn: NCD kNN; gzip-knn, zstd-dict: classical baselines"
         ),

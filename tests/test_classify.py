@@ -527,7 +527,7 @@ def test_probe_bits_are_the_label_code_length_of_a_fitted_linear_coder(tiny) -> 
     from classify.probe import fit_linear
 
     texts, labels = [e.text for e in TRAIN], [e.label for e in TRAIN]
-    clf = build("probe", lambda: tiny, texts, labels, {"weight_decay": 0.1, "features": "mean"})
+    clf = build("probe", lambda: tiny, texts, labels, {"weight_decay": 0.1, "features": "mean", "classical_weight": 0})
     assert clf.weight_decay == 0.1 and clf.cv_accuracy == {} and clf.features == "mean"
 
     def mean_state(t: str) -> torch.Tensor:
@@ -555,9 +555,8 @@ def test_probe_mean_last_adds_the_state_after_the_text_from_the_middle_blocks(ti
     assert last_blocks(30, (0.5, 0.75)) == tuple(range(15, 23)) and last_blocks(18, (0.5, 0.75)) == (9, 10, 11, 12, 13)
     assert last_blocks(2, (0.5, 0.75)) == (1,) and last_blocks(2, (1.0, 1.0)) == (2,)
     texts, labels = [e.text for e in TRAIN], [e.label for e in TRAIN]
-    clf = build(
-        "probe", lambda: tiny, texts, labels, {"weight_decay": 0.1, "features": "mean_last", "last_depth": [0.5, 0.5]}
-    )
+    opts = {"weight_decay": 0.1, "features": "mean_last", "last_depth": [0.5, 0.5], "classical_weight": 0}
+    clf = build("probe", lambda: tiny, texts, labels, opts)
     body = tiny.model.base_model
 
     def features(t: str) -> torch.Tensor:
@@ -575,7 +574,34 @@ def test_probe_mean_last_adds_the_state_after_the_text_from_the_middle_blocks(ti
     expected = (-torch.log_softmax(logits, 0) / math.log(2)).tolist()
     (pred,) = clf.predict([x])
     assert [pred.bits[lab] for lab in sorted(VOCAB)] == pytest.approx(expected, abs=1e-4)
-    assert clf.fitted() == {"features": "mean_last", "weight_decay": 0.1}
+    assert clf.fitted() == {"features": "mean_last", "weight_decay": 0.1, "classical_weight": 0.0}
+
+
+def test_probe_times_a_zstd_dictionary_with_its_weight_chosen_on_held_out_folds(tiny) -> None:
+    """bits = C_probe(y | x) + γ · C_zstd-dict(x | y): the same probe, plus γ times the bits of the
+    zstd-dict classifier of the same examples. "auto" scores every γ on the held-out folds."""
+    from classify.probe import CLASSICAL_WEIGHTS
+
+    texts, labels = [e.text for e in TRAIN], [e.label for e in TRAIN]
+    fixed = {"weight_decay": 0.1, "features": "mean"}
+    alone = build("probe", lambda: tiny, texts, labels, fixed | {"classical_weight": 0})
+    product = build("probe", lambda: tiny, texts, labels, fixed | {"classical_weight": 0.5})
+    zstd = build("zstd-dict", lambda: None, texts, labels)
+    x = [e.text for e in TEST[:4]]
+    for a, p, z in zip(alone.bits(x), product.bits(x), [q.bits for q in zstd.predict(x)], strict=True):
+        assert p == pytest.approx({lab: a[lab] + 0.5 * z[lab] for lab in a})
+    auto = build("probe", lambda: tiny, texts, labels, fixed | {"folds": 3})
+    tried = auto.classical_cv_accuracy
+    assert set(tried) == set(CLASSICAL_WEIGHTS) and auto.fitted()["classical_weight"] == auto.classical_weight
+    best = max(tried.values())  # the smallest γ within one standard error of the best
+    within = [g for g, a in tried.items() if a >= best - math.sqrt(best * (1 - best) / len(texts))]
+    assert auto.classical_weight == min(within)
+    # a fold whose other examples miss a label: no dictionary for it, so no product
+    one_each = build(
+        "probe", lambda: tiny, texts[:3] + texts[12:15] + texts[24:25], labels[:3] + labels[12:15] + labels[24:25]
+    )
+    assert sorted(set(labels[:3] + labels[12:15] + labels[24:25])) == sorted(VOCAB)
+    assert one_each.classical_weight == 0.0 and one_each.classical_cv_accuracy == {}
 
 
 def test_probe_beats_chance_with_random_weights_and_is_batch_independent(tiny) -> None:
@@ -623,6 +649,8 @@ def test_probe_needs_a_language_model_and_valid_options(tiny) -> None:
         {"last_depth": [0.75, 0.5]},
         {"last_depth": [0.0, 0.5]},
         {"last_depth": [0.5]},
+        {"classical_weight": -0.1},
+        {"classical_weight": "some"},
     ):
         with pytest.raises(MethodError, match="options/"):
             build("probe", lambda: tiny, ["a b", "c d"], ["x", "y"], bad)
@@ -633,9 +661,12 @@ def test_probe_reads_the_first_max_tokens_of_a_text(tiny) -> None:
     characters get the same bits; without the cap the rest of the text counts."""
     texts, labels = [e.text for e in TRAIN], [e.label for e in TRAIN]
     long = "rocket orbit nasa planet telescope astronaut moon launch"
-    capped = build("probe", lambda: tiny, texts, labels, {"weight_decay": 0.1, "max_tokens": 12})
+    # (the zstd dictionaries, cheap, read the whole text: classical_weight 0 leaves the LM alone)
+    capped = build("probe", lambda: tiny, texts, labels, {"weight_decay": 0.1, "max_tokens": 12, "classical_weight": 0})
     assert capped.bits([long]) == capped.bits([long[:12]])
-    whole = build("probe", lambda: tiny, texts, labels, {"weight_decay": 0.1, "max_tokens": None})
+    whole = build(
+        "probe", lambda: tiny, texts, labels, {"weight_decay": 0.1, "max_tokens": None, "classical_weight": 0}
+    )
     assert whole.bits([long]) != whole.bits([long[:12]])
 
 
