@@ -21,7 +21,7 @@ Training: cross-entropy + `weight_decay` · |W|² (bias not penalized), L-BFGS i
 The decision may add a second coder: bits(y) = C_probe(y | x) + γ · C_zstd-dict(x | y), the
 product of the probe with a zstd dictionary of each label's examples (as `knn-lm` multiplies with
 gzip). It carries what a small model's states lose and a dictionary keeps, such as names and
-stock phrases: convention speeches by party, 0.75 → 0.95 at γ 0.03 (the dictionary alone 0.925).
+stock phrases: convention speeches by party, 0.775 → 0.925 at γ 0.03 (the dictionary alone 0.925).
 `classical_weight` "auto" picks γ from CLASSICAL_WEIGHTS, 0 included, by the same cross-validation.
 `features` and `weight_decay` "auto" pick from FEATURES × WEIGHT_DECAYS by `folds`-fold
 cross-validation on the examples (seeded folds; ties to `mean`, then to the stronger penalty);
