@@ -521,10 +521,22 @@ def test_knn_lm_needs_a_language_model() -> None:
 # -- probe ---------------------------------------------------------------------------------
 
 
+def probe_bits_by_hand(features, texts: list[str], labels: list[str], x: str, weight_decay: float) -> list[float]:
+    """-log2 softmax(W·z + b) of x, z its features standardized over the examples' and (W, b) the
+    penalized logistic regression fitted here on the examples: the probe, recomputed outside it."""
+    from classify.probe import fit_linear
+
+    raw = torch.stack([features(t) for t in texts])
+    mean, scale = raw.mean(0), raw.std(0) + 1e-3
+    y = torch.tensor([sorted(VOCAB).index(lab) for lab in labels])
+    w, b = fit_linear((raw - mean) / scale, y, len(VOCAB), weight_decay, 200)
+    logits = ((features(x) - mean) / scale) @ w + b
+    return (-torch.log_softmax(logits, 0) / math.log(2)).tolist()
+
+
 def test_probe_bits_are_the_label_code_length_of_a_fitted_linear_coder(tiny) -> None:
     """C(y | x) = -log2 softmax(W·z + b)_y, z the standardized mean state of x, (W, b) the
     penalized logistic regression on the examples: refit here from the engine's own states."""
-    from classify.probe import fit_linear
 
     texts, labels = [e.text for e in TRAIN], [e.label for e in TRAIN]
     clf = build("probe", lambda: tiny, texts, labels, {"weight_decay": 0.1, "features": "mean", "classical_weight": 0})
@@ -534,13 +546,8 @@ def test_probe_bits_are_the_label_code_length_of_a_fitted_linear_coder(tiny) -> 
         ((_, states),) = tiny.token_states([tiny.encode(t)])
         return states.double().mean(0)
 
-    raw = torch.stack([mean_state(t) for t in texts])
-    z = (raw - raw.mean(0)) / (raw.std(0) + 1e-3)
-    y = torch.tensor([sorted(VOCAB).index(lab) for lab in labels])
-    w, b = fit_linear(z, y, 3, 0.1, 200)
     x = TEST[0].text
-    logits = ((mean_state(x) - raw.mean(0)) / (raw.std(0) + 1e-3)) @ w + b
-    expected = (-torch.log_softmax(logits, 0) / math.log(2)).tolist()
+    expected = probe_bits_by_hand(mean_state, texts, labels, x, 0.1)
     (pred,) = clf.predict([x])
     assert [pred.bits[lab] for lab in sorted(VOCAB)] == pytest.approx(expected, abs=1e-6)
     assert sum(2.0**-b for b in pred.bits.values()) == pytest.approx(1.0)  # a code for the label
@@ -550,7 +557,7 @@ def test_probe_bits_are_the_label_code_length_of_a_fitted_linear_coder(tiny) -> 
 def test_probe_mean_last_adds_the_state_after_the_text_from_the_middle_blocks(tiny) -> None:
     """features mean_last: z = [mean final state, mean over the blocks in last_depth of the state
     after the text's last token], the latter read here from a plain HF forward over BOS + text."""
-    from classify.probe import fit_linear, last_blocks
+    from classify.probe import last_blocks
 
     assert last_blocks(30, (0.5, 0.75)) == tuple(range(15, 23)) and last_blocks(18, (0.5, 0.75)) == (9, 10, 11, 12, 13)
     assert last_blocks(2, (0.5, 0.75)) == (1,) and last_blocks(2, (1.0, 1.0)) == (2,)
@@ -565,13 +572,8 @@ def test_probe_mean_last_adds_the_state_after_the_text_from_the_middle_blocks(ti
         # block 1's output after the whole text; the mean of the final states that predict its tokens
         return torch.cat([hidden.last_hidden_state[0, :-1].mean(0), hidden.hidden_states[1][0, -1]]).double()
 
-    raw = torch.stack([features(t) for t in texts])
-    z = (raw - raw.mean(0)) / (raw.std(0) + 1e-3)
-    y = torch.tensor([sorted(VOCAB).index(lab) for lab in labels])
-    w, b = fit_linear(z, y, 3, 0.1, 200)
     x = TEST[1].text
-    logits = ((features(x) - raw.mean(0)) / (raw.std(0) + 1e-3)) @ w + b
-    expected = (-torch.log_softmax(logits, 0) / math.log(2)).tolist()
+    expected = probe_bits_by_hand(features, texts, labels, x, 0.1)
     (pred,) = clf.predict([x])
     assert [pred.bits[lab] for lab in sorted(VOCAB)] == pytest.approx(expected, abs=1e-4)
     assert clf.fitted() == {"features": "mean_last", "weight_decay": 0.1, "classical_weight": 0.0}
