@@ -29,6 +29,12 @@ class Settings(BaseSettings):
     context_tokens: int | None = None  # window length; default min(2048, model context)
     stride: int | None = None  # new tokens per window after the first; default context // 2
 
+    # Conditioning on a dataset (`conditioning`: memory, adapt); models/memory.py, models/adapt.py
+    # Bytes of token memories kept per model (keys of 4 B x hidden size per token: 2.3 KB a token for
+    # SmolLM2, so 1 GiB holds ~450k tokens, about 1.8 MB of English text). On the model's device.
+    memory_cache_bytes: int = 1 << 30
+    adapt_cache_bytes: int = 256 << 20  # trained adapter states (a few MB each) kept per model
+
     # Batching (worker)
     batch_tokens: int | None = None  # token budget of one model batch; default 8192 on CPU, 65536 on CUDA
     # Tasks per model call. Progress and results are written when a call returns, so on a CPU

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 
 import zstandard
 
-from models.protocol import ModelInfo, Segment, SegmentBits, Symbols, TokenizationError
+from models.protocol import Conditioning, ModelInfo, Segment, SegmentBits, Symbols, TokenizationError
 
 _ZSTD = zstandard.ZstdCompressor(level=19, write_checksum=False)
 
@@ -38,6 +38,15 @@ CODECS: dict[str, tuple[Callable[[bytes], bytes], str]] = {
     "zstd": (_ZSTD.compress, "zstd level 19, frame header counted, no checksum"),
 }
 
+
+# What `context` mode (the only one a classical compressor offers) sees of X when it codes Y.
+SEES = {
+    "gzip": "the 32 KiB before each byte (deflate window)",
+    "zlib": "the 32 KiB before each byte (deflate window)",
+    "bz2": "its own 900 kB block: nothing across a block boundary",
+    "lzma": "the 8 MiB before each byte (preset 6 dictionary)",
+    "zstd": "the 8 MiB before each byte (level 19, window log 23)",
+}
 
 # Codecs whose one-shot output equals a zlib stream with these (level, wbits): their state after a
 # prefix can be copied and continued with each target.
@@ -60,6 +69,7 @@ class ClassicalCompressor:
             context_tokens=None,
             description=f"{codec_id} ({convention})",
             convention="C = 8 x compressed bytes; C(Y|X) = C(X·Y) - C(X); " + convention,
+            modes=(Conditioning("context", (("sees", SEES[codec_id]),), ""),),
         )
 
     def encode(self, text: str) -> Symbols:

@@ -354,6 +354,8 @@ class LMCompressor:
         )
 
         self.window = WindowPolicy(context_tokens=context, stride=stride)
+        from models.conditioning import lm_modes  # here: conditioning builds on this module
+
         self.info = ModelInfo(
             id=model_id,
             kind="lm",
@@ -366,6 +368,7 @@ class LMCompressor:
                 f"bits = sum over tokens of -log2 p(token | start token {self.start_token_id}, "
                 f"preceding tokens); sliding windows of {context} tokens, stride {stride}"
             ),
+            modes=lm_modes(model_id, self.window),
         )
 
     def encode(self, text: str) -> tuple[int, ...]:
@@ -661,19 +664,21 @@ class LMCompressor:
         return _totals_in_order(done, [len(t) for t in sorted_targets], order)
 
     @torch.inference_mode()
-    def token_bits(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-        """Per-token bits (float64, CPU) of each sequence: entry i is -log2 p(seq[i] | start, seq[:i])."""
+    def token_bits(self, sequences: Sequence[Sequence[int]], first: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Per-token bits (float64, CPU) of each sequence: entry i is -log2 p(seq[i] | start, seq[:i]).
+        With `first`, only the windows that score a token at index >= first[s] of sequence s run;
+        entries before it are left 0 (those after it are exact: windows depend on positions only)."""
         with self._lock:
-            return self._token_bits(sequences)
+            return self._token_bits(sequences, first=first)
 
     @torch.inference_mode()
     def token_states(
-        self, sequences: Sequence[Sequence[int]], layers: Sequence[int] = ()
+        self, sequences: Sequence[Sequence[int]], layers: Sequence[int] = (), first: Sequence[int] | None = None
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per sequence: its per-token bits (float64, CPU), as `token_bits`, and the final hidden
         state that predicts each token (float32, CPU, shape (len(seq), hidden size)): row i is the
         state after start + seq[:i], the input of the vocabulary head for token i. Same windows as
-        `token_bits`, so a row never depends on what follows its token.
+        `token_bits`, so a row never depends on what follows its token; `first` as there.
 
         With `layers` (block numbers, 1 = the first block's output, as HF's `hidden_states[i]`;
         at most `num_layers`), each row also carries the mean of those blocks' outputs at the same
@@ -682,7 +687,46 @@ class LMCompressor:
         if any(not 1 <= i <= self.num_layers for i in layers):
             raise ValueError(f"layers must be in [1, {self.num_layers}], got {list(layers)}")
         with self._lock:
-            return self._token_bits(sequences, states=True, layers=layers)  # type: ignore[return-value]
+            return self._token_bits(sequences, states=True, layers=layers, first=first)  # type: ignore[return-value]
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def body(self) -> torch.nn.Module:
+        """The transformer without its vocabulary head (HF `base_model`)."""
+        return self._body
+
+    @property
+    def lock(self) -> threading.RLock:
+        """Held by every forward pass (a conditioning mode that changes the body holds it too)."""
+        return self._lock
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The vocabulary head's weight, (vocabulary, hidden size)."""
+        return self._head_weight_own
+
+    def logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Differentiable fp32 logits of `hidden` under head `weight` (bias and soft-capping as the
+        model's), for training; scoring uses `head_bits`."""
+        logits = (hidden.to(weight.dtype) @ weight.T).to(torch.float32)
+        if self._head_bias is not None:
+            logits = logits + self._head_bias
+        if self._softcap is not None:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return logits
+
+    @torch.no_grad()
+    def head_bits(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """-log2 p(target) from final hidden states, as every code length here is computed."""
+        return self._head_bits(hidden, targets)
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the final hidden state (the vocabulary head's input)."""
+        return int(self._head_weight.shape[1])
 
     @property
     def num_layers(self) -> int:
@@ -690,13 +734,20 @@ class LMCompressor:
         return len(self._body.layers)
 
     def _token_bits(
-        self, sequences: Sequence[Sequence[int]], states: bool = False, layers: tuple[int, ...] = ()
+        self,
+        sequences: Sequence[Sequence[int]],
+        states: bool = False,
+        layers: tuple[int, ...] = (),
+        first: Sequence[int] | None = None,
     ) -> list[torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]]:
         full = [self._with_start(seq) for seq in sequences]
+        # Token index i is position i + 1 of start + sequence: a window is needed if it scores a
+        # position past first[i].
         windows = [
             _Window(seq=i, start=start, end=end, score_from=score_from)
             for i, tokens in enumerate(full)
             for start, end, score_from in window_spans(len(tokens), self.window)
+            if first is None or end > first[i] + 1
         ]
         windows.sort(key=lambda w: w.length, reverse=True)
         result = [torch.zeros(len(seq), dtype=torch.float64) for seq in sequences]

@@ -8,6 +8,7 @@ service ever needs: C(X·Y) = C(X) + C(Y|X).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
@@ -45,6 +46,31 @@ class WindowPolicy:
         return f"w{self.context_tokens}s{self.stride}"
 
 
+MODES = ("context", "memory", "adapt")
+
+
+class UnsupportedMode(ValueError):
+    """A conditioning mode the model does not offer."""
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """How a coder uses what came before a sequence (API v1 `conditioning`): `context` (the window
+    alone), `memory` (a nearest-neighbour memory of earlier tokens) or `adapt` (a model trained on
+    them). `params` are the mode's fixed parameters as stated in responses; `key` names mode and
+    parameters in cache namespaces ("" for `context`, so its namespaces and values are unchanged)."""
+
+    mode: str = "context"
+    params: tuple[tuple[str, object], ...] = ()
+    key: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        return {"mode": self.mode, **dict(self.params)}
+
+
+CONTEXT = Conditioning()
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     id: str
@@ -55,12 +81,23 @@ class ModelInfo:
     precision: str = ""  # e.g. "cpu-float32", "cuda-bfloat16": part of the cache namespace
     description: str = ""
     convention: str = ""
+    conditioning: Conditioning = CONTEXT  # the mode these code lengths are in
+    modes: tuple[Conditioning, ...] = (CONTEXT,)  # every mode the model offers, with its parameters
 
     @property
     def cache_namespace(self) -> str:
         """Everything about the model that changes a code length, for cache keys."""
         window = self.window.key if self.window else "nowin"
-        return f"{self.id}@{self.revision[:16]}:{self.precision or 'exact'}:{window}"
+        mode = f":{self.conditioning.key}" if self.conditioning.key else ""
+        return f"{self.id}@{self.revision[:16]}:{self.precision or 'exact'}:{window}{mode}"
+
+    def with_mode(self, mode: str) -> ModelInfo:
+        """The info of the same model in conditioning `mode`; UnsupportedMode if it has none."""
+        for c in self.modes:
+            if c.mode == mode:
+                return dataclasses.replace(self, conditioning=c)
+        offered = ", ".join(c.mode for c in self.modes)
+        raise UnsupportedMode(f"model {self.id!r} offers conditioning {offered}; not {mode!r}")
 
     def as_dict(self) -> dict[str, object]:
         out: dict[str, object] = {
@@ -77,6 +114,7 @@ class ModelInfo:
             out["description"] = self.description
         if self.convention:
             out["convention"] = self.convention
+        out["conditioning"] = {c.mode: c.as_dict() for c in self.modes}
         return out
 
 

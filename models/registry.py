@@ -28,6 +28,7 @@ class Registry:
         if unknown:
             raise ValueError(f"CODELEN_MODELS names unknown models: {sorted(unknown)}")
         self._loaded: dict[str, Compressor] = {}
+        self._conditioned: dict[tuple[str, str], Compressor] = {}  # (model, mode) -> its compressor
         self._locks = {m: threading.Lock() for m in self._ids}
 
     def ids(self) -> list[str]:
@@ -40,8 +41,23 @@ class Registry:
     def loaded(self, model_id: str) -> bool:
         return model_id in self._loaded
 
-    def get(self, model_id: str) -> Compressor:
-        """The compressor, loading it on first use (blocking; call from a worker thread)."""
+    def get(self, model_id: str, mode: str = "context") -> Compressor:
+        """The compressor of `model_id` coding in conditioning `mode`, loading the model on first
+        use (blocking; call from a worker thread). UnsupportedMode if the model has no such mode."""
+        base = self._base(model_id)
+        if mode == "context":
+            return base
+        key = (model_id, mode)
+        if key not in self._conditioned:
+            with self._locks[model_id]:
+                if key not in self._conditioned:
+                    from models.conditioning import conditioned  # torch: only where models run
+
+                    s = self.settings
+                    self._conditioned[key] = conditioned(base, mode, s.memory_cache_bytes, s.adapt_cache_bytes)
+        return self._conditioned[key]
+
+    def _base(self, model_id: str) -> Compressor:
         self.check(model_id)
         if model_id in self._loaded:
             return self._loaded[model_id]

@@ -1,0 +1,302 @@
+"""`adapt` conditioning: the prequential code of a dataset (seed 003; Blier & Ollivier 2018): a
+coder that learns from what it has coded.
+
+C(X) is the sum over X's blocks of each block's code length under the model trained on the blocks
+before it — the area under the online training curve. A block is the scored part of one sliding
+window (`WindowPolicy`: the first window's 2,047 tokens, then `stride` tokens each), so a block is
+coded with the window's usual context and then trained on, in one forward pass. C(Y|X) codes Y's
+blocks the same way, starting from the model trained on all of X (X's last, partial block
+included: the blocks are cut at the X|Y boundary), and training on through Y, so
+C(X·Y) = C(X) + C(Y|X) exactly and C(Y) alone is Y's own prequential code.
+
+What trains: low-rank adapters (LoRA: W x + B A x, B = 0 at the start, A drawn from a seeded
+generator) on the attention and MLP projections of the last `layers` blocks, with Adam. The layers
+below stay frozen and need no backward pass, so a block costs one forward of the whole window plus
+a backward through the adapted blocks and the head. The weights of the model are never changed:
+the adapters live beside it and act only while this mode runs (under the engine's lock).
+
+Determinism: every block is computed alone, in order, from seeded initial adapters, so the same
+dataset gives the same bits on the same machine and torch build; distributed workers that
+recompute a state get the same one. The state after a prefix (adapters and Adam moments, a few
+MB) is kept in a byte-bounded LRU, so a matrix row or many Ys train on X once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from models.lm import LMCompressor, window_spans
+from models.memory import sequence_digest
+from models.protocol import Segment, SegmentBits, Symbols
+
+Progress = Callable[[int, int], None]
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_LN2 = math.log(2.0)
+HEAD_CHUNK = 512  # positions per chunk of the training loss: bounds the logits held at once
+
+
+@dataclass(frozen=True)
+class AdaptParams:
+    """The stated, fixed parameters of `adapt` mode (see the module docstring)."""
+
+    layers: int  # LoRA in the last `layers` transformer blocks
+    rank: int
+    lr: float  # Adam's learning rate
+    steps: int = 1  # optimizer steps per block
+    seed: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "blocks": "the scored part of each sliding window, cut where X ends and Y begins",
+            "trains": f"LoRA rank {self.rank} on {', '.join(TARGETS)} of the last {self.layers} blocks",
+            "optimizer": f"Adam, learning rate {self.lr}, {self.steps} step(s) per block, mean cross-entropy",
+            "after_x": "Y is coded by the model trained on all of X, training on through Y's blocks",
+            "seed": self.seed,
+        }
+
+    @property
+    def key(self) -> str:
+        raw = f"{self.layers}:{self.rank}:{self.lr}:{self.steps}:{self.seed}"
+        return "adapt" + hashlib.sha256(raw.encode()).hexdigest()[:12]
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus, while `weights` is set, the low-rank update B A x."""
+
+    def __init__(self, base: nn.Module, name: str) -> None:
+        super().__init__()
+        self.base, self.name = base, name
+        self.weights: tuple[torch.Tensor, torch.Tensor] | None = None  # (A (r, in), B (out, r))
+
+    @property
+    def in_features(self) -> int:
+        return int(self.base.weight.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.base.weight.shape[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.weights is None:
+            return out
+        a, b = self.weights
+        return out + (x.to(a.dtype) @ a.T) @ b.T
+
+
+def attach(body: nn.Module, layers: int) -> list[LoRALinear]:
+    """Wrap the TARGETS projections of the last `layers` blocks of `body` (once; later calls find
+    the wrappers already there)."""
+    blocks = body.layers  # type: ignore[attr-defined]
+    wrapped = []
+    for index in range(len(blocks) - layers, len(blocks)):
+        for parent_name, parent in blocks[index].named_modules():
+            for child_name, child in list(parent.named_children()):
+                if child_name not in TARGETS:
+                    continue
+                if not isinstance(child, LoRALinear):
+                    child = LoRALinear(child, f"{index}.{parent_name}.{child_name}")
+                    setattr(parent, child_name, child)
+                wrapped.append(child)
+    return wrapped
+
+
+@dataclass
+class AdaptState:
+    """Adapters and their optimizer after some blocks, and the bits those blocks cost."""
+
+    params: list[torch.Tensor]  # A_0, B_0, A_1, B_1, ... in the order of the wrapped layers
+    optimizer: dict  # torch.optim.Adam state_dict
+    bits: float  # code length of what was coded to get here
+
+    @property
+    def nbytes(self) -> int:
+        total = sum(p.numel() * p.element_size() for p in self.params)
+        for s in self.optimizer.get("state", {}).values():
+            total += sum(t.numel() * t.element_size() for t in s.values() if isinstance(t, torch.Tensor))
+        return total
+
+
+class StateCache:
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, AdaptState] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, digest: str) -> AdaptState | None:
+        with self._lock:
+            state = self._items.get(digest)
+            if state is not None:
+                self._items.move_to_end(digest)
+            return state
+
+    def put(self, digest: str, state: AdaptState) -> None:
+        with self._lock:
+            if digest in self._items or state.nbytes > self.max_bytes:
+                return
+            self._items[digest] = state
+            self._bytes += state.nbytes
+            while self._bytes > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= old.nbytes
+
+
+class AdaptCompressor:
+    """The `Compressor` of a language model in `adapt` mode (see the module docstring)."""
+
+    def __init__(self, lm: LMCompressor, params: AdaptParams, cache_bytes: int) -> None:
+        self.lm = lm
+        self.params = params
+        self.cache = StateCache(cache_bytes)
+        self.info = lm.info.with_mode("adapt")
+        self._layers = attach(lm.body, params.layers)
+
+    def encode(self, text: str) -> Symbols:
+        return self.lm.encode(text)
+
+    def score(self, segments: Sequence[Segment], progress: Progress | None = None) -> list[SegmentBits]:
+        out = []
+        for s in segments:
+            if not s.prefix:
+                out.append(SegmentBits(prefix_bits=0.0, target_bits=self._code(list(s.target), 0, None, progress)[0]))
+                continue
+            before = self.state_after(s.prefix, progress)
+            bits, _ = self._code([*s.prefix, *s.target], len(s.prefix), before, progress, train_last=False)
+            out.append(SegmentBits(prefix_bits=before.bits, target_bits=bits))
+        return out
+
+    def state_after(self, tokens: Symbols, progress: Progress | None = None) -> AdaptState:
+        """The adapters after coding and training on all of `tokens` (from the cache if there)."""
+        digest = sequence_digest(tokens)
+        state = self.cache.get(digest)
+        if state is None:
+            bits, state = self._code(list(tokens), 0, None, progress, train_last=True)
+            self.cache.put(digest, state)
+        return state
+
+    def fresh(self) -> tuple[list[torch.Tensor], dict]:
+        """Initial adapters: A seeded, B zero (so the model starts as it is)."""
+        generator = torch.Generator().manual_seed(self.params.seed)
+        params = []
+        for layer in self._layers:
+            a = torch.randn(self.params.rank, layer.in_features, generator=generator) / math.sqrt(layer.in_features)
+            params += [a.to(self.lm.device), torch.zeros(layer.out_features, self.params.rank, device=self.lm.device)]
+        return params, {}
+
+    def _code(
+        self,
+        tokens: list[int],
+        start: int,
+        before: AdaptState | None,
+        progress: Progress | None,
+        train_last: bool = False,
+    ) -> tuple[float, AdaptState]:
+        """Code tokens[start:] block by block after the state `before` (None: fresh adapters),
+        training after each block (after the last one only if `train_last`). Returns the bits
+        of tokens[start:] and the state after them (with `before`'s bits added)."""
+        if before is None:
+            values, optimizer_state = self.fresh()
+        else:
+            values, optimizer_state = [p.clone() for p in before.params], _clone(before.optimizer)
+        params = [nn.Parameter(v) for v in values]
+        optimizer = torch.optim.Adam(params, lr=self.params.lr, foreach=False)
+        if optimizer_state:
+            optimizer.load_state_dict(optimizer_state)
+        spans = [
+            (a, b, max(first, start + 1))
+            for a, b, first in window_spans(len(tokens) + 1, self.lm.window)
+            if b > start + 1
+        ]
+        ids = torch.tensor([self.lm.start_token_id, *tokens], dtype=torch.long, device=self.lm.device)
+        total = 0.0
+        done = 0
+        with self.lm.lock, self._active(params):
+            for k, (a, b, first) in enumerate(spans):
+                last = k + 1 == len(spans)
+                total += self._block(ids, a, b, first, optimizer, params, train=train_last or not last)
+                done += b - first
+                if progress is not None:
+                    progress(done, len(tokens) - start)
+        state = AdaptState(
+            params=[p.detach().clone() for p in params],
+            optimizer=_clone(optimizer.state_dict()),
+            bits=total + (before.bits if before is not None else 0.0),
+        )
+        return total, state
+
+    def _block(
+        self,
+        ids: torch.Tensor,
+        a: int,
+        b: int,
+        first: int,
+        optimizer: torch.optim.Optimizer,
+        params: list[nn.Parameter],
+        train: bool,
+    ) -> float:
+        """Code positions [first, b) of window [a, b) with the current adapters; then, if `train`,
+        take the optimizer steps on them. Returns their bits."""
+        targets = ids[first:b]
+        bits = 0.0
+        for step in range(self.params.steps if train else 1):
+            with torch.set_grad_enabled(train):
+                hidden = self.lm.body(
+                    input_ids=ids[a:b][None], position_ids=torch.arange(b - a, device=ids.device)[None], use_cache=False
+                ).last_hidden_state[0, first - 1 - a : b - 1 - a]
+            if step == 0:
+                bits = float(self.lm.head_bits(hidden.detach(), targets).to("cpu", torch.float64).sum())
+            if not train:
+                break
+            optimizer.zero_grad(set_to_none=True)
+            self._backward_head(hidden, targets)
+            optimizer.step()
+        return bits
+
+    def _backward_head(self, hidden: torch.Tensor, targets: torch.Tensor) -> None:
+        """Backward of the mean cross-entropy of the block, a chunk of positions at a time (the
+        full logits of a block would take 200 MB for SmolLM2's vocabulary)."""
+        detached = hidden.detach().requires_grad_(True)
+        weight = self.lm.head_weight
+        n = len(targets)
+        for i in range(0, n, HEAD_CHUNK):
+            logits = self.lm.logits(detached[i : i + HEAD_CHUNK], weight)
+            loss = nn.functional.cross_entropy(logits, targets[i : i + HEAD_CHUNK], reduction="sum") / n
+            loss.backward()
+        hidden.backward(detached.grad)
+
+    def _active(self, params: list[nn.Parameter]) -> _Adapters:
+        return _Adapters(self._layers, params)
+
+
+class _Adapters:
+    """Within `with`, the wrapped layers apply these adapters (and gradients reach them)."""
+
+    def __init__(self, layers: list[LoRALinear], params: list[nn.Parameter]) -> None:
+        self.layers, self.params = layers, params
+
+    def __enter__(self) -> None:
+        for i, layer in enumerate(self.layers):
+            layer.weights = (self.params[2 * i], self.params[2 * i + 1])
+
+    def __exit__(self, *exc: object) -> None:
+        for layer in self.layers:
+            layer.weights = None
+
+
+def _clone(state: dict) -> dict:
+    """A deep copy of an optimizer state dict (tensors cloned)."""
+    if not state:
+        return {}
+    copied = {
+        k: {n: t.clone() if isinstance(t, torch.Tensor) else t for n, t in s.items()} for k, s in state["state"].items()
+    }
+    return {"state": copied, "param_groups": [dict(g) for g in state["param_groups"]]}

@@ -1,0 +1,54 @@
+"""Which conditioning modes each model offers (API v1 `conditioning`), with their fixed, stated
+parameters, and the compressor that codes in a mode.
+
+- `context`: every model. A language model sees the sliding window before each token; a classical
+  compressor sees what its own format keeps (stated per codec below).
+- `memory` (models/memory.py) and `adapt` (models/adapt.py): language models only. Their
+  parameters are per model and were chosen on data that is not used to check them
+  (benchmarks/conditioning_fit.py, docs/BENCHMARKS.md "Conditioning on a dataset").
+"""
+
+from __future__ import annotations
+
+from models.adapt import AdaptCompressor, AdaptParams
+from models.lm import LMCompressor
+from models.memory import MemoryCompressor, MemoryParams
+from models.protocol import CONTEXT, Compressor, Conditioning, WindowPolicy
+
+# Fitted on R8 (Reuters, lower-cased): containment (10 texts copied into the middle of ~100 KB) and
+# 4 classes as datasets, by the mean log ratio C_memory / C_context over those cases.
+MEMORY: dict[str, MemoryParams] = {
+    "smollm2-135m": MemoryParams(k=16, temperature=21.2, bias=9.96, distance=-2.11, run=1.23),
+    # The tiny random model of the tests: distances of its 64-wide states are about 50 to 500.
+    "tiny-random": MemoryParams(k=8, temperature=10.0, bias=8.0, distance=-2.0, run=1.0),
+}
+ADAPT: dict[str, AdaptParams] = {
+    "smollm2-135m": AdaptParams(layers=4, rank=8, lr=1e-3, steps=1),
+    "tiny-random": AdaptParams(layers=1, rank=4, lr=1e-2, steps=1),
+}
+
+
+def lm_modes(model_id: str, window: WindowPolicy) -> tuple[Conditioning, ...]:
+    sees = (
+        f"the {window.context_tokens} tokens before each token at most and "
+        f"{window.context_tokens - window.stride} at least (sliding window)"
+    )
+    modes = [Conditioning("context", (("sees", sees),), "")]
+    if model_id in MEMORY:
+        params = MEMORY[model_id]
+        modes.append(Conditioning("memory", tuple(params.as_dict().items()), params.key))
+    if model_id in ADAPT:
+        params_a = ADAPT[model_id]
+        modes.append(Conditioning("adapt", tuple(params_a.as_dict().items()), params_a.key))
+    return tuple(modes)
+
+
+def conditioned(base: Compressor, mode: str, memory_bytes: int, adapt_bytes: int) -> Compressor:
+    """The compressor of `base`'s model in `mode` (UnsupportedMode if it offers none)."""
+    info = base.info.with_mode(mode)
+    if mode == CONTEXT.mode:
+        return base
+    assert isinstance(base, LMCompressor), f"{info.id} offers {mode} but is not a language model"
+    if mode == "memory":
+        return MemoryCompressor(base, MEMORY[info.id], memory_bytes)
+    return AdaptCompressor(base, ADAPT[info.id], adapt_bytes)

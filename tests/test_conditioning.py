@@ -1,0 +1,168 @@
+"""Conditioning on a dataset (`memory`, `adapt`): the definitions of MISSION.md hold in every mode,
+on the tiny random model (fast) — the chain rule, C(X) alone as the X part of C(X·Y), a decodable
+mixture, batch invariance, and a memory that finds what the window cannot see."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from models.adapt import AdaptCompressor
+from models.conditioning import conditioned
+from models.memory import MemoryCompressor, MemoryParams, mixture_bits, search
+from models.protocol import Segment, UnsupportedMode
+from models.tiny import tiny_compressor
+
+
+def tokens(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 259) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_compressor(context_tokens=32, stride=16)
+
+
+@pytest.fixture(scope="module", params=["memory", "adapt"])
+def mode_compressor(request, lm):
+    return conditioned(lm, request.param, 1 << 26, 1 << 26)
+
+
+def test_chain_rule_and_prefix_part(mode_compressor) -> None:
+    x, y = tokens(150, 1), tokens(60, 2)
+    joint = mode_compressor.score([Segment(x, y)])[0]
+    alone = mode_compressor.score([Segment((), x)])[0]
+    y_alone = mode_compressor.score([Segment((), y)])[0]
+    assert joint.prefix_bits == alone.target_bits  # C(X) alone is the X part of C(X·Y)
+    assert joint.target_bits > 0 and y_alone.target_bits > 0
+    if isinstance(mode_compressor, MemoryCompressor):
+        # memory mode codes token by token: X·Y as one sequence is C(X) + C(Y|X)
+        whole = mode_compressor.score([Segment((), x + y)])[0]
+        assert math.isclose(whole.target_bits, joint.prefix_bits + joint.target_bits, abs_tol=0.01)
+
+
+def test_short_sequences_are_coded_as_in_context_mode(lm, mode_compressor) -> None:
+    """Within one window the memory is empty and nothing has been learned yet: the LM's code."""
+    x = tokens(20, 3)
+    assert mode_compressor.score([Segment((), x)])[0] == lm.score([Segment((), x)])[0]
+
+
+def test_same_bits_alone_and_in_a_batch(mode_compressor) -> None:
+    x, ys = tokens(120, 4), [tokens(n, 10 + n) for n in (10, 40, 70)]
+    together = mode_compressor.score([Segment(x, y) for y in ys])
+    for y, t in zip(ys, together, strict=True):
+        assert mode_compressor.score([Segment(x, y)])[0] == t
+
+
+def test_cached_state_gives_the_same_bits(lm) -> None:
+    for mode in ("memory", "adapt"):
+        compressor = conditioned(lm, mode, 1 << 26, 1 << 26)
+        x, y = tokens(130, 5), tokens(50, 6)
+        first = compressor.score([Segment(x, y)])[0]
+        fresh = conditioned(lm, mode, 0, 0).score([Segment(x, y)])[0]  # nothing kept
+        again = compressor.score([Segment(x, y)])[0]  # X's memory / trained state from the cache
+        assert first == fresh == again
+
+
+def test_memory_finds_a_copy_beyond_the_window(lm) -> None:
+    y = tokens(60, 7)
+    with_copy = tokens(150, 8) + y + tokens(150, 9)
+    without = tokens(150, 8) + tokens(60, 11) + tokens(150, 9)
+    memory = conditioned(lm, "memory", 1 << 26, 0)
+    c_y = lm.score([Segment((), y)])[0].target_bits
+    context = lm.score([Segment(with_copy, y)])[0].target_bits / c_y
+    copied = memory.score([Segment(with_copy, y)])[0].target_bits / c_y
+    absent = memory.score([Segment(without, y)])[0].target_bits / c_y
+    assert context > 0.9  # the copy is 150+ tokens before Y: the 32-token window cannot see it
+    assert copied < 0.5 * context
+    assert absent > 0.8
+
+
+def test_adapt_learns_from_x(lm) -> None:
+    """Training on an X that contains Y's tokens lowers C(Y|X) more than an X that does not."""
+    y = tokens(40, 12)
+    adapt = conditioned(lm, "adapt", 1 << 26, 1 << 26)
+    with_y = adapt.score([Segment(tokens(100, 13) + y * 3 + tokens(60, 14), y)])[0].target_bits
+    without = adapt.score([Segment(tokens(100, 13) + tokens(120, 15) + tokens(60, 14), y)])[0].target_bits
+    assert with_y < without
+
+
+def test_adapt_leaves_the_model_unchanged(lm) -> None:
+    x, y = tokens(100, 16), tokens(30, 17)
+    before = lm.score([Segment(x, y)])[0]
+    conditioned(lm, "adapt", 0, 0).score([Segment(x, y)])
+    assert lm.score([Segment(x, y)])[0] == before
+
+
+def test_the_mixture_is_a_distribution() -> None:
+    """For one position, the bits of every possible token sum (as probabilities) to 1."""
+    vocab, k = 50, 4
+    g = torch.Generator().manual_seed(0)
+    p_lm = torch.softmax(torch.randn(vocab, generator=g, dtype=torch.float64), 0)
+    dist = torch.sort(torch.rand(1, k, generator=g) * 30).values.expand(vocab, k)
+    neighbours = torch.tensor([[3, 7, 3, 11]]).expand(vocab, k)
+    params = MemoryParams(k=k, temperature=5.0, bias=3.0, distance=-1.0, run=1.0)
+    candidates = torch.arange(vocab)
+    for run_before in (0, 5):
+        # every candidate token as if it were the next one (same state, memory and past)
+        bits = torch.stack(
+            [
+                mixture_bits(
+                    -torch.log2(p_lm[v : v + 1]), candidates[v : v + 1], dist[:1], neighbours[:1],
+                    torch.tensor([True]), run_before, params,
+                )[0][0]
+                for v in range(vocab)
+            ]
+        )  # fmt: skip
+        assert math.isclose(float(torch.exp2(-bits).sum()), 1.0, rel_tol=1e-9)
+
+
+def test_search_is_exact_and_respects_limits() -> None:
+    g = torch.Generator().manual_seed(1)
+    keys = torch.randn(9000, 8, generator=g)
+    queries = torch.randn(5, 8, generator=g)
+    limits = torch.tensor([0, 1, 100, 5000, 9000])
+    d, rows = search(queries, keys, (keys * keys).sum(1), limits, 3)
+    for i, limit in enumerate(limits.tolist()):
+        if limit == 0:
+            assert torch.isinf(d[i]).all()
+            continue
+        exact = ((keys[:limit] - queries[i]) ** 2).sum(1)
+        best = exact.topk(min(3, limit), largest=False)
+        assert set(rows[i, : len(best.indices)].tolist()) == set(best.indices.tolist())
+        assert torch.allclose(d[i, : len(best.values)], best.values, rtol=1e-4, atol=1e-3)
+
+
+def test_classical_models_offer_context_only() -> None:
+    from models.classical import ClassicalCompressor
+
+    info = ClassicalCompressor("gzip").info
+    assert [c.mode for c in info.modes] == ["context"]
+    assert "32 KiB" in str(info.modes[0].as_dict()["sees"])
+    with pytest.raises(UnsupportedMode):
+        info.with_mode("memory")
+
+
+def test_modes_have_their_own_cache_namespace(lm) -> None:
+    namespaces = {lm.info.with_mode(m).cache_namespace for m in ("context", "memory", "adapt")}
+    assert len(namespaces) == 3
+    assert lm.info.with_mode("context").cache_namespace == lm.info.cache_namespace
+
+
+def test_first_skips_windows_but_not_values(lm) -> None:
+    seq = tokens(120, 18)
+    full = lm.token_bits([seq])[0]
+    part = lm.token_bits([seq], first=[70])[0]
+    assert torch.equal(part[70:], full[70:])
+
+
+def test_adapt_compressor_reports_progress(lm) -> None:
+    seen: list[tuple[int, int]] = []
+    adapt = conditioned(lm, "adapt", 0, 0)
+    assert isinstance(adapt, AdaptCompressor)
+    adapt.score([Segment((), tokens(100, 19))], progress=lambda done, total: seen.append((done, total)))
+    assert seen and seen[-1] == (100, 100) and all(a <= b for (a, _), (b, _) in zip(seen, seen[1:], strict=False))
