@@ -27,7 +27,7 @@ import hashlib
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,9 +35,8 @@ from torch import nn
 
 from models.lm import LMCompressor, window_spans
 from models.memory import sequence_digest
-from models.protocol import Segment, SegmentBits, Symbols
+from models.protocol import Progress, Segment, SegmentBits, Symbols
 
-Progress = Callable[[int, int], None]
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _LN2 = math.log(2.0)
 HEAD_CHUNK = 512  # positions per chunk of the training loss: bounds the logits held at once
@@ -163,7 +162,9 @@ class AdaptCompressor:
     def encode(self, text: str) -> Symbols:
         return self.lm.encode(text)
 
-    def score(self, segments: Sequence[Segment], progress: Progress | None = None) -> list[SegmentBits]:
+    def score(
+        self, segments: Sequence[Segment], *, need_prefix: bool = True, progress: Progress | None = None
+    ) -> list[SegmentBits]:
         out = []
         for s in segments:
             if not s.prefix:
@@ -218,14 +219,14 @@ class AdaptCompressor:
         ]
         ids = torch.tensor([self.lm.start_token_id, *tokens], dtype=torch.long, device=self.lm.device)
         total = 0.0
-        done = 0
+        if progress is not None:
+            progress(0, len(tokens) - start)
         with self.lm.lock, self._active(params):
             for k, (a, b, first) in enumerate(spans):
                 last = k + 1 == len(spans)
                 total += self._block(ids, a, b, first, optimizer, params, train=train_last or not last)
-                done += b - first
                 if progress is not None:
-                    progress(done, len(tokens) - start)
+                    progress(b - first, 0)
         state = AdaptState(
             params=[p.detach().clone() for p in params],
             optimizer=_clone(optimizer.state_dict()),

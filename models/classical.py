@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 
 import zstandard
 
-from models.protocol import Conditioning, ModelInfo, Segment, SegmentBits, Symbols, TokenizationError
+from models.protocol import Conditioning, ModelInfo, Progress, Segment, SegmentBits, Symbols, TokenizationError
 
 _ZSTD = zstandard.ZstdCompressor(level=19, write_checksum=False)
 
@@ -81,7 +81,9 @@ class ClassicalCompressor:
     def bits(self, data: bytes) -> float:
         return 8.0 * len(self._compress(data)) if data else 0.0
 
-    def score(self, segments: Sequence[Segment]) -> list[SegmentBits]:
+    def score(
+        self, segments: Sequence[Segment], *, need_prefix: bool = True, progress: Progress | None = None
+    ) -> list[SegmentBits]:
         out: list[SegmentBits | None] = [None] * len(segments)
         by_prefix: dict[bytes, list[int]] = defaultdict(list)
         for i, seg in enumerate(segments):

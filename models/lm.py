@@ -51,7 +51,7 @@ from models.fused_head import head_bits as fused_head_bits
 from models.invariant import make_batch_invariant, tiled_matmul
 from models.packing import PrefixRows, packed_attention
 from models.prefix_cache import PackedPrefixState, PrefixCache, PrefixState
-from models.protocol import ModelInfo, Segment, SegmentBits, TokenizationError, WindowPolicy
+from models.protocol import ModelInfo, Progress, Segment, SegmentBits, TokenizationError, WindowPolicy
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -398,17 +398,28 @@ class LMCompressor:
     # -- scoring ------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def score(self, segments: Sequence[Segment]) -> list[SegmentBits]:
+    def score(
+        self, segments: Sequence[Segment], *, need_prefix: bool = True, progress: Progress | None = None
+    ) -> list[SegmentBits]:
+        """`need_prefix=False`: the caller uses target bits only; windows that score nothing of
+        a target are skipped (a long X before a short Y costs Y's windows, not X's), and
+        prefix_bits is NaN where it was not computed. Target bits are the same either way."""
         segments = list(segments)
         out: list[SegmentBits | None] = [None] * len(segments)
         with self._lock:
             if self.prefix_reuse:
                 self._score_with_prefix_states(segments, out)
             plain = [i for i, bits in enumerate(out) if bits is None]
-            per_token = self._token_bits([[*segments[i].prefix, *segments[i].target] for i in plain])
+            if progress is not None:
+                reused = sum(len(segments[i].target) for i, bits in enumerate(out) if bits is not None)
+                progress(reused, reused)
+            first = None if need_prefix else [len(segments[i].prefix) for i in plain]
+            sequences = [[*segments[i].prefix, *segments[i].target] for i in plain]
+            per_token = self._token_bits(sequences, first=first, progress=progress)
         for i, bits in zip(plain, per_token, strict=True):
             n = len(segments[i].prefix)
-            out[i] = SegmentBits(prefix_bits=float(bits[:n].sum()), target_bits=float(bits[n:].sum()))
+            prefix_bits = float(bits[:n].sum()) if need_prefix or not n else math.nan
+            out[i] = SegmentBits(prefix_bits=prefix_bits, target_bits=float(bits[n:].sum()))
         return out  # type: ignore[return-value]
 
     def _score_with_prefix_states(self, segments: list[Segment], out: list[SegmentBits | None]) -> None:
@@ -739,6 +750,7 @@ class LMCompressor:
         states: bool = False,
         layers: tuple[int, ...] = (),
         first: Sequence[int] | None = None,
+        progress: Progress | None = None,
     ) -> list[torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]]:
         full = [self._with_start(seq) for seq in sequences]
         # Token index i is position i + 1 of start + sequence: a window is needed if it scores a
@@ -755,7 +767,11 @@ class LMCompressor:
         hidden = [torch.zeros(len(seq), width, dtype=torch.float32) for seq in sequences] if states else []
         cost = self._packed_cost if self.packing else self._padded_cost
         run = (lambda p: self._run_windows(p, states=True, layers=layers)) if states else self._run_windows
-        done = self._pipeline(self._cut(windows, cost), lambda batch: self._prepare(batch, full), run, cost)
+        if progress is not None:
+            progress(0, sum(w.end - w.score_from for w in windows))
+        done = self._pipeline(
+            self._cut(windows, cost), lambda batch: self._prepare(batch, full), run, cost, progress=progress
+        )
         if done:
             # One transfer, one sync. With states, column 0 is the bits and the rest the state.
             rows = torch.cat([b for _, b in done]).to("cpu")
@@ -876,13 +892,21 @@ class LMCompressor:
         prepare: Callable[[list[T]], _Prepared],
         run: Callable[[_Prepared], torch.Tensor],
         cost: Callable[[list[T]], int],
+        progress: Progress | None = None,
     ) -> list[tuple[list[T], torch.Tensor]]:
         """Run the batches in order; on CUDA the next one is prepared (and pinned) in a helper
-        thread while the device works on the current one."""
+        thread while the device works on the current one. `progress` hears each batch's scored
+        positions (batches of windows)."""
         done: list[tuple[list[T], torch.Tensor]] = []
+
+        def report(batch: list[T]) -> None:
+            if progress is not None:
+                progress(sum(w.end - w.score_from for w in batch if isinstance(w, _Window)), 0)
+
         if self._device.type != "cuda":
             for batch in batches:
                 done += self._run_splitting(batch, prepare, run, cost)
+                report(batch)
             return done
         if self._prefetch is None:
             self._prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codelen-prepare")
@@ -896,6 +920,7 @@ class LMCompressor:
             prepared = pending.result()
             pending = self._prefetch.submit(pinned, batches[k + 1]) if k + 1 < len(batches) else None
             done += self._run_splitting(batch, pinned, run, cost, prepared)
+            report(batch)
         return done
 
     def _run_splitting(

@@ -36,7 +36,7 @@ import hashlib
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,9 +44,7 @@ import torch
 
 from models.invariant import tiled_matmul
 from models.lm import LMCompressor, window_spans
-from models.protocol import Segment, SegmentBits, Symbols
-
-Progress = Callable[[int, int], None]  # (tokens done, tokens in all) of a long sequence being coded
+from models.protocol import Progress, Segment, SegmentBits, Symbols
 
 KEY_BLOCK = 4096  # keys per distance block: fixed, so a distance never depends on the memory's size
 MIN_BLOCK = 64  # keys per block minimum in the two-stage top-k
@@ -100,6 +98,19 @@ class Memory:
     def run_at_end(self) -> int:
         """Tokens matched in a row at the end of the sequence."""
         return _run_after(self.hits, 0)
+
+
+@dataclass
+class Neighbours:
+    """What the mixture needs for consecutive tokens, and their keys (see `mixture_bits`)."""
+
+    lm_bits: torch.Tensor  # (n,) float64: the LM's bits
+    targets: torch.Tensor  # (n,) long: the tokens
+    distances: torch.Tensor  # (n, k) float32: squared distances of the nearest keys, inf where none
+    tokens: torch.Tensor  # (n, k) long: the tokens those keys predicted
+    has_memory: torch.Tensor  # (n,) bool: whether any key was before the token's window
+    keys: torch.Tensor  # (n, d) float32, on the model's device
+    norms: torch.Tensor  # (n,) float32
 
 
 def sequence_digest(tokens: Sequence[int]) -> str:
@@ -265,7 +276,9 @@ class MemoryCompressor:
     def encode(self, text: str) -> Symbols:
         return self.lm.encode(text)
 
-    def score(self, segments: Sequence[Segment], progress: Progress | None = None) -> list[SegmentBits]:
+    def score(
+        self, segments: Sequence[Segment], *, need_prefix: bool = True, progress: Progress | None = None
+    ) -> list[SegmentBits]:
         segments = list(segments)
         out: list[SegmentBits | None] = [None] * len(segments)
         context = self.lm.window.context_tokens
@@ -294,54 +307,59 @@ class MemoryCompressor:
         return memory
 
     def _code(self, tokens: list[int], before: Memory | None, progress: Progress | None) -> Memory:
-        """Code the tokens after those `before` holds (none: all of them), a few windows at a
-        time; returns the memory of the tokens coded, with their bits."""
+        """Code the tokens after those `before` holds (none: all of them); returns the memory of
+        the tokens coded, with their bits."""
+        found = self.neighbours(tokens, before, progress)
+        run = before.run_at_end() if before is not None else 0
+        bits, hits = mixture_bits(
+            found.lm_bits, found.targets, found.distances, found.tokens, found.has_memory, run, self.params
+        )
+        return Memory(keys=found.keys, norms=found.norms, values=found.targets, bits=bits, hits=hits)
+
+    def neighbours(self, tokens: Sequence[int], before: Memory | None, progress: Progress | None = None) -> Neighbours:
+        """The LM's bits and the k nearest memory entries of every token after those `before`
+        holds (none: all of them), a few windows at a time. Independent of the mixture's
+        parameters (benchmarks/conditioning_fit.py fits them on this)."""
+        tokens = list(tokens)
         start = len(before.values) if before is not None else 0
         n = len(tokens) - start
-        device = self.lm.device
-        width = self.lm.hidden_size
-        keys = torch.zeros(n, width, device=device)
+        device, k = self.lm.device, self.params.k
+        keys = torch.zeros(n, self.lm.hidden_size, device=device)
         norms = torch.zeros(n, device=device)
-        values = torch.tensor(tokens[start:], dtype=torch.long)
-        bits = torch.zeros(n, dtype=torch.float64)
-        hits = torch.zeros(n, dtype=torch.bool)
-        run = before.run_at_end() if before is not None else 0
+        targets = torch.tensor(tokens[start:], dtype=torch.long)
+        memory_values = targets if before is None else torch.cat([before.values, targets])
+        lm_bits = torch.zeros(n, dtype=torch.float64)
+        distances = torch.full((n, k), math.inf)
+        neighbour_tokens = torch.zeros((n, k), dtype=torch.long)
+        has_memory = torch.zeros(n, dtype=torch.bool)
         ends = [end - 1 for _, end, _ in window_spans(len(tokens) + 1, self.lm.window) if end - 1 > start]
         context, stride = self.lm.window.context_tokens, self.lm.window.stride
         filled = 0
+        if progress is not None:
+            progress(0, n)
         for step in range(0, len(ends), self.windows_per_step):
             # Tokens [first, end) are scored by the next windows_per_step windows.
             first = start + filled
             end = ends[min(step + self.windows_per_step, len(ends)) - 1]
-            ((lm_bits, states),) = self.lm.token_states([tokens[:end]], first=[first])
+            ((bits, states),) = self.lm.token_states([tokens[:end]], first=[first])
             states = states[first:end].to(device)
-            positions = torch.arange(first + 1, end + 1)
-            starts = window_starts(positions, context, stride)
+            starts = window_starts(torch.arange(first + 1, end + 1), context, stride)
             # Keys of tokens at positions before the window: the prefix's, then this call's own.
             limit_before = (starts - 1).clamp(0, start)
             limit_own = (starts - 1 - start).clamp_min(0)
-            m = end - first
+            rows = slice(filled, end - start)
             # The group's own keys first: a later window of the group sees the earlier ones.
-            keys[filled : filled + m] = states
-            norms[filled : filled + m] = (states * states).sum(1)
-            d, rows = self._nearest(states, before, limit_before, keys, norms, limit_own)
-            memory_values = values if before is None else torch.cat([before.values, values])
-            mixed, hit = mixture_bits(
-                lm_bits[first:end],
-                values[filled : filled + m],
-                d.cpu(),
-                memory_values[rows.cpu().clamp_max(len(memory_values) - 1)],
-                (limit_before + limit_own) > 0,
-                run,
-                self.params,
-            )
-            bits[filled : filled + m] = mixed
-            hits[filled : filled + m] = hit
-            run = _run_after(hit, run)
-            filled += m
+            keys[rows] = states
+            norms[rows] = (states * states).sum(1)
+            d, found = self._nearest(states, before, limit_before, keys, norms, limit_own)
+            lm_bits[rows] = bits[first:end]
+            distances[rows] = d.cpu()
+            neighbour_tokens[rows] = memory_values[found.cpu().clamp_max(len(memory_values) - 1)]
+            has_memory[rows] = (limit_before + limit_own) > 0
             if progress is not None:
-                progress(filled, n)
-        return Memory(keys=keys, norms=norms, values=values, bits=bits, hits=hits)
+                progress(end - start - filled, 0)
+            filled = end - start
+        return Neighbours(lm_bits, targets, distances, neighbour_tokens, has_memory, keys, norms)
 
     def _nearest(
         self,

@@ -9,7 +9,7 @@ service ever needs: C(X·Y) = C(X) + C(Y|X).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
@@ -128,8 +128,13 @@ class Segment:
 
 @dataclass(frozen=True)
 class SegmentBits:
-    prefix_bits: float  # C(prefix) from the start state
+    prefix_bits: float  # C(prefix) from the start state (NaN if the caller did not need it)
     target_bits: float  # C(target | prefix)
+
+
+# Hears how far a long call is: (tokens just coded, tokens newly planned). A compressor announces a
+# sequence's tokens when it starts on it (0, n) and reports them as it codes them (m, 0).
+Progress = Callable[[int, int], None]
 
 
 @runtime_checkable
@@ -140,6 +145,10 @@ class Compressor(Protocol):
         """Lossless symbols of `text`; raises TokenizationError if the round trip fails."""
         ...
 
-    def score(self, segments: Sequence[Segment]) -> list[SegmentBits]:
-        """Code lengths in bits for each segment, in order. Batching is the compressor's choice."""
+    def score(
+        self, segments: Sequence[Segment], *, need_prefix: bool = True, progress: Progress | None = None
+    ) -> list[SegmentBits]:
+        """Code lengths in bits for each segment, in order. Batching is the compressor's choice.
+        `need_prefix=False` lets it skip C(prefix) (prefix_bits may then be NaN); `progress`, if
+        given, hears how far a long call is."""
         ...

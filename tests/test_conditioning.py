@@ -10,7 +10,6 @@ import random
 import pytest
 import torch
 
-from models.adapt import AdaptCompressor
 from models.conditioning import conditioned
 from models.memory import MemoryCompressor, MemoryParams, mixture_bits, search
 from models.protocol import Segment, UnsupportedMode
@@ -160,9 +159,16 @@ def test_first_skips_windows_but_not_values(lm) -> None:
     assert torch.equal(part[70:], full[70:])
 
 
-def test_adapt_compressor_reports_progress(lm) -> None:
+@pytest.mark.parametrize("mode", ["context", "memory", "adapt"])
+def test_long_work_reports_progress_in_tokens(lm, mode: str) -> None:
+    """Each compressor announces the tokens it will code, then reports them as they are coded,
+    in several steps for a long sequence."""
     seen: list[tuple[int, int]] = []
-    adapt = conditioned(lm, "adapt", 0, 0)
-    assert isinstance(adapt, AdaptCompressor)
-    adapt.score([Segment((), tokens(100, 19))], progress=lambda done, total: seen.append((done, total)))
-    assert seen and seen[-1] == (100, 100) and all(a <= b for (a, _), (b, _) in zip(seen, seen[1:], strict=False))
+    compressor = conditioned(lm, mode, 0, 0)
+    if mode == "context":  # several model batches
+        compressor = tiny_compressor(context_tokens=32, stride=16, batch_tokens=64)
+    if isinstance(compressor, MemoryCompressor):
+        compressor.windows_per_step = 2
+    compressor.score([Segment((), tokens(100, 19))], progress=lambda done, planned: seen.append((done, planned)))
+    assert sum(d for d, _ in seen) == sum(p for _, p in seen) == 100
+    assert len([d for d, _ in seen if d]) >= 2
