@@ -34,10 +34,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from classify.data import load_examples  # noqa: E402
 from codelen.datasets import RECORD_SEPARATOR  # noqa: E402
 from codelen.settings import Settings  # noqa: E402
+from models.conditioning import conditioned  # noqa: E402
 from models.protocol import Segment  # noqa: E402
 from models.registry import Registry  # noqa: E402
 
@@ -161,29 +163,55 @@ def prequential(registry: Registry, args: argparse.Namespace) -> dict:
 
 
 def speed(registry: Registry, args: argparse.Namespace) -> dict:
-    by_label = texts_by_label(Path(args.data))
-    pool = [t for ts in by_label.values() for t in ts]
-    random.Random(args.seed).shuffle(pool)
-    stream, size = [], 0
-    for t in pool:
-        stream.append(t)
-        size += len(t.encode()) + 3
-        if size >= args.x_bytes:
-            break
-    text = RECORD_SEPARATOR.join(stream)
-    conditions(args, f" · X {len(text.encode())} bytes")
+    """C(X) of one X per mode, then C(Y|X) of a 1,000-token Y after it (X's memory or trained
+    state from the cache): seconds, tokens/s against `context` in the same run, peak memory."""
+    if args.random_weights:
+        from engine_throughput import build
+
+        lm = build(args.model, "cuda" if args.device == "cuda" else "cpu", random_weights=True)
+        gen = torch.Generator().manual_seed(args.seed)
+        x = torch.randint(3, lm.head_weight.shape[0], (args.x_bytes // 4,), generator=gen).tolist()
+        y = torch.randint(3, lm.head_weight.shape[0], (1000,), generator=gen).tolist()
+        compressors = {m: conditioned(lm, m, registry.settings.memory_cache_bytes, 1 << 30) for m in args.modes}
+        what = f"random weights, {len(x)} random tokens"
+    else:
+        by_label = texts_by_label(Path(args.data))
+        pool = [t for ts in by_label.values() for t in ts]
+        random.Random(args.seed).shuffle(pool)
+        stream, size = [], 0
+        for t in pool:
+            stream.append(t)
+            size += len(t.encode()) + 3
+            if size >= args.x_bytes + 4000:
+                break
+        compressors = {m: registry.get(args.model, m) for m in args.modes}
+        encode = next(iter(compressors.values())).encode
+        tokens = list(encode(RECORD_SEPARATOR.join(stream)))
+        x, y = tokens[:-1000], tokens[-1000:]
+        what = f"{len(x)} tokens of AG News"
+    conditions(args, f" · X {what}")
     out = {}
-    for mode in args.modes:
-        c = registry.get(args.model, mode)
-        tokens = c.encode(text)
-        peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    on_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    for mode, c in compressors.items():
+        if on_cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
-        c.score([Segment((), tokens)])
+        c.score([Segment((), x)], need_prefix=False)
         seconds = time.perf_counter() - started
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        out[mode] = {"tokens": len(tokens), "seconds": seconds, "tokens_per_s": len(tokens) / seconds}
-        print(f"{mode:8s}: {len(tokens)} tokens in {seconds:.1f} s = {len(tokens) / seconds:.0f} tokens/s; "
-              f"peak RSS {peak / 1024:.0f} MB (was {peak_before / 1024:.0f})")  # fmt: skip
+        started = time.perf_counter()
+        c.score([Segment(x, y)], need_prefix=False)
+        y_seconds = time.perf_counter() - started
+        peak = (
+            torch.cuda.max_memory_allocated() / 2**20
+            if on_cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        )
+        out[mode] = {"tokens": len(x), "seconds": seconds, "tokens_per_s": len(x) / seconds, "y_seconds": y_seconds}
+        print(
+            f"{mode:8s}: C(X) {len(x)} tokens in {seconds:.1f} s = {len(x) / seconds:.0f} tokens/s; "
+            f"then C(Y|X) of {len(y)} tokens in {y_seconds:.2f} s; peak {'GPU' if on_cuda else 'RSS'} {peak:.0f} MB"
+        )
         sys.stdout.flush()
     if "context" in out:
         for mode, row in out.items():
@@ -204,6 +232,7 @@ def main() -> int:
     ap.add_argument("--n-y", type=int, default=20)
     ap.add_argument("--json", help="write the numbers here")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--random-weights", action="store_true", help="speed: the real shapes, random weights")
     args = ap.parse_args()
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     models = ",".join([args.model, *CLASSICAL])

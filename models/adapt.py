@@ -88,7 +88,7 @@ class LoRALinear(nn.Module):
         if self.weights is None:
             return out
         a, b = self.weights
-        return out + (x.to(a.dtype) @ a.T) @ b.T
+        return out + ((x.to(a.dtype) @ a.T) @ b.T).to(out.dtype)
 
 
 def attach(body: nn.Module, layers: int) -> list[LoRALinear]:
@@ -168,7 +168,8 @@ class AdaptCompressor:
         out = []
         for s in segments:
             if not s.prefix:
-                out.append(SegmentBits(prefix_bits=0.0, target_bits=self._code(list(s.target), 0, None, progress)[0]))
+                # C(X) through the state after X: the same bits, and a later C(Y|X) finds X trained.
+                out.append(SegmentBits(prefix_bits=0.0, target_bits=self.state_after(s.target, progress).bits))
                 continue
             before = self.state_after(s.prefix, progress)
             bits, _ = self._code([*s.prefix, *s.target], len(s.prefix), before, progress, train_last=False)

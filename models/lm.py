@@ -292,6 +292,8 @@ class LMCompressor:
         packed_prefix: bool | None = None,
     ) -> None:
         self.model = model.eval()
+        for parameter in model.parameters():  # never trained (`adapt` trains adapters beside it)
+            parameter.requires_grad_(False)
         self.tokenizer = tokenizer
         config = model.config
         max_positions = int(config.max_position_embeddings)
