@@ -420,8 +420,10 @@ class LMCompressor:
             per_token = self._token_bits(sequences, first=first, progress=progress)
         for i, bits in zip(plain, per_token, strict=True):
             n = len(segments[i].prefix)
-            prefix_bits = float(bits[:n].sum()) if need_prefix or not n else math.nan
-            out[i] = SegmentBits(prefix_bits=prefix_bits, target_bits=float(bits[n:].sum()))
+            if need_prefix:
+                out[i] = SegmentBits(prefix_bits=float(bits[:n].sum()), target_bits=float(bits[n:].sum()))
+            else:  # bits start at the target
+                out[i] = SegmentBits(prefix_bits=math.nan if n else 0.0, target_bits=float(bits.sum()))
         return out  # type: ignore[return-value]
 
     def _score_with_prefix_states(self, segments: list[Segment], out: list[SegmentBits | None]) -> None:
@@ -679,8 +681,8 @@ class LMCompressor:
     @torch.inference_mode()
     def token_bits(self, sequences: Sequence[Sequence[int]], first: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Per-token bits (float64, CPU) of each sequence: entry i is -log2 p(seq[i] | start, seq[:i]).
-        With `first`, only the windows that score a token at index >= first[s] of sequence s run;
-        entries before it are left 0 (those after it are exact: windows depend on positions only)."""
+        With `first`, only the windows that score a token at index >= first[s] of sequence s run,
+        and its result starts at that token (the same values: windows depend on positions only)."""
         with self._lock:
             return self._token_bits(sequences, first=first)
 
@@ -764,9 +766,14 @@ class LMCompressor:
             if first is None or end > first[i] + 1
         ]
         windows.sort(key=lambda w: w.length, reverse=True)
-        result = [torch.zeros(len(seq), dtype=torch.float64) for seq in sequences]
+        base = list(first) if first is not None else [0] * len(sequences)  # index of each result's row 0
+        result = [torch.zeros(len(seq) - b, dtype=torch.float64) for seq, b in zip(sequences, base, strict=True)]
         width = self._head_weight.shape[1] * (2 if layers else 1)
-        hidden = [torch.zeros(len(seq), width, dtype=torch.float32) for seq in sequences] if states else []
+        hidden = (
+            [torch.zeros(len(seq) - b, width, dtype=torch.float32) for seq, b in zip(sequences, base, strict=True)]
+            if states
+            else []
+        )
         cost = self._packed_cost if self.packing else self._padded_cost
         run = (lambda p: self._run_windows(p, states=True, layers=layers)) if states else self._run_windows
         if progress is not None:
@@ -782,10 +789,13 @@ class LMCompressor:
             for batch, _ in done:
                 for w in batch:
                     n = w.end - w.score_from
-                    # Position p of BOS + sequence is token p - 1 of the sequence.
-                    result[w.seq][w.score_from - 1 : w.end - 1] = bits[offset : offset + n]
+                    # Position p of BOS + sequence is token p - 1 of the sequence; a window that
+                    # straddles first[i] also scored tokens before it, which are not kept.
+                    lo, hi = w.score_from - 1 - base[w.seq], w.end - 1 - base[w.seq]
+                    skip = max(0, -lo)
+                    result[w.seq][lo + skip : hi] = bits[offset + skip : offset + n]
                     if states:
-                        hidden[w.seq][w.score_from - 1 : w.end - 1] = rows[offset : offset + n, 1:]
+                        hidden[w.seq][lo + skip : hi] = rows[offset + skip : offset + n, 1:]
                     offset += n
         return list(zip(result, hidden, strict=True)) if states else result
 

@@ -342,7 +342,7 @@ class MemoryCompressor:
             first = start + filled
             end = ends[min(step + self.windows_per_step, len(ends)) - 1]
             ((bits, states),) = self.lm.token_states([tokens[:end]], first=[first])
-            states = states[first:end].to(device)
+            states = states.to(device)
             starts = window_starts(torch.arange(first + 1, end + 1), context, stride)
             # Keys of tokens at positions before the window: the prefix's, then this call's own.
             limit_before = (starts - 1).clamp(0, start)
@@ -352,7 +352,7 @@ class MemoryCompressor:
             keys[rows] = states
             norms[rows] = (states * states).sum(1)
             d, found = self._nearest(states, before, limit_before, keys, norms, limit_own)
-            lm_bits[rows] = bits[first:end]
+            lm_bits[rows] = bits
             distances[rows] = d.cpu()
             neighbour_tokens[rows] = memory_values[found.cpu().clamp_max(len(memory_values) - 1)]
             has_memory[rows] = (limit_before + limit_own) > 0
