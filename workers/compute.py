@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from codelen import keys
-from models.protocol import Compressor, Segment, Symbols
+from models.protocol import Compressor, Progress, Segment, Symbols
 
 
 @dataclass(frozen=True)
@@ -22,16 +22,23 @@ class Task:
     model: str
     hx: str
     hy: str | None = None  # None: C(X); else C(Y|X)
+    mode: str = "context"  # conditioning (models/conditioning.py); part of the cache namespace
 
     def key(self, ns: str) -> str:
+        """The cache key under `ns`, the namespace of this task's model in this task's mode."""
         return keys.length(ns, self.hx) if self.hy is None else keys.conditional(ns, self.hx, self.hy)
 
     def shas(self) -> tuple[str, ...]:
         return (self.hx,) if self.hy is None else (self.hx, self.hy)
 
 
-def pair_tasks(model: str, hx: str, hy: str) -> list[Task]:
-    return [Task(model, hx), Task(model, hy), Task(model, hx, hy), Task(model, hy, hx)]
+DIRECTIONS = ("both", "y_given_x")
+
+
+def pair_tasks(model: str, hx: str, hy: str, mode: str = "context", direction: str = "both") -> list[Task]:
+    """C(X), C(Y), C(Y|X) and, unless only that direction is asked for, C(X|Y)."""
+    tasks = [Task(model, hx, None, mode), Task(model, hy, None, mode), Task(model, hx, hy, mode)]
+    return tasks if direction == "y_given_x" else [*tasks, Task(model, hy, hx, mode)]
 
 
 class SymbolCache:
@@ -42,7 +49,7 @@ class SymbolCache:
         self._max = max_entries
 
     def get(self, compressor: Compressor, sha: str, text: str) -> Symbols:
-        key = (compressor.info.cache_namespace, sha)
+        key = (f"{compressor.info.id}@{compressor.info.revision}", sha)  # the same tokens in every mode
         if key in self._items:
             self._items.move_to_end(key)
             return self._items[key]
@@ -54,9 +61,15 @@ class SymbolCache:
 
 
 def run_tasks(
-    compressor: Compressor, tasks: Iterable[Task], texts: Mapping[str, str], symbols: SymbolCache
+    compressor: Compressor,
+    tasks: Iterable[Task],
+    texts: Mapping[str, str],
+    symbols: SymbolCache,
+    progress: Progress | None = None,
 ) -> dict[str, float]:
-    """Score `tasks` (all of one model) in one call of the compressor; returns cache key → bits.
+    """Score `tasks` (all of one model and mode) in one call of the compressor; returns cache
+    key → bits. Only C(Y|X) is needed of a segment (X, Y), never C(X) from it: C(X) is a task of
+    its own, so the compressor may skip X's windows. `progress` hears tokens planned and coded.
 
     Raises TokenizationError for a text the model cannot code; the caller decides which
     tasks that fails (see `run_tasks_isolating`)."""
@@ -69,12 +82,16 @@ def run_tasks(
             segments.append(Segment(prefix=(), target=sx))
         else:
             segments.append(Segment(prefix=sx, target=symbols.get(compressor, t.hy, texts[t.hy])))
-    bits = compressor.score(segments)
+    bits = compressor.score(segments, need_prefix=False, progress=progress)
     return {t.key(ns): b.target_bits for t, b in zip(tasks, bits, strict=True)}
 
 
 def run_tasks_isolating(
-    compressor: Compressor, tasks: list[Task], texts: Mapping[str, str], symbols: SymbolCache
+    compressor: Compressor,
+    tasks: list[Task],
+    texts: Mapping[str, str],
+    symbols: SymbolCache,
+    progress: Progress | None = None,
 ) -> tuple[dict[str, float], dict[Task, str]]:
     """Like run_tasks, but a task whose text cannot be encoded fails alone: returns
     (results, {failed task: reason}). Other exceptions (a broken model) propagate."""
@@ -86,4 +103,4 @@ def run_tasks_isolating(
             good.append(t)
         except ValueError as exc:  # TokenizationError is a ValueError
             failed[t] = str(exc)
-    return (run_tasks(compressor, good, texts, symbols) if good else {}), failed
+    return (run_tasks(compressor, good, texts, symbols, progress) if good else {}), failed
