@@ -50,6 +50,7 @@ class AdaptParams:
     rank: int
     lr: float  # Adam's learning rate
     steps: int = 1  # optimizer steps per block
+    replay: int = 0  # more training passes over X's blocks after coding X, before Y is coded
     seed: int = 0
 
     def as_dict(self) -> dict[str, object]:
@@ -57,13 +58,19 @@ class AdaptParams:
             "blocks": "the scored part of each sliding window, cut where X ends and Y begins",
             "trains": f"LoRA rank {self.rank} on {', '.join(TARGETS)} of the last {self.layers} blocks",
             "optimizer": f"Adam, learning rate {self.lr}, {self.steps} step(s) per block, mean cross-entropy",
-            "after_x": "Y is coded by the model trained on all of X, training on through Y's blocks",
+            "after_x": (
+                f"Y is coded by the model trained on all of X (then {self._replay_text()}), "
+                "training on through Y's blocks"
+            ),
             "seed": self.seed,
         }
 
+    def _replay_text(self) -> str:
+        return f"{self.replay} more pass(es) over X's blocks" if self.replay else "no more passes"
+
     @property
     def key(self) -> str:
-        raw = f"{self.layers}:{self.rank}:{self.lr}:{self.steps}:{self.seed}"
+        raw = f"{self.layers}:{self.rank}:{self.lr}:{self.steps}:{self.replay}:{self.seed}"
         return "adapt" + hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 
@@ -220,14 +227,20 @@ class AdaptCompressor:
         ]
         ids = torch.tensor([self.lm.start_token_id, *tokens], dtype=torch.long, device=self.lm.device)
         total = 0.0
+        replays = self.params.replay if train_last else 0
         if progress is not None:
-            progress(0, len(tokens) - start)
+            progress(0, (len(tokens) - start) * (1 + replays))
         with self.lm.lock, self._active(params):
             for k, (a, b, first) in enumerate(spans):
                 last = k + 1 == len(spans)
-                total += self._block(ids, a, b, first, optimizer, params, train=train_last or not last)
+                total += self._block(ids, a, b, first, optimizer, train=train_last or not last)
                 if progress is not None:
                     progress(b - first, 0)
+            for _ in range(replays):  # more passes over what was coded, before what follows it
+                for a, b, first in spans:
+                    self._block(ids, a, b, first, optimizer, train=True, code=False)
+                    if progress is not None:
+                        progress(b - first, 0)
         state = AdaptState(
             params=[p.detach().clone() for p in params],
             optimizer=_clone(optimizer.state_dict()),
@@ -242,11 +255,11 @@ class AdaptCompressor:
         b: int,
         first: int,
         optimizer: torch.optim.Optimizer,
-        params: list[nn.Parameter],
         train: bool,
+        code: bool = True,
     ) -> float:
-        """Code positions [first, b) of window [a, b) with the current adapters; then, if `train`,
-        take the optimizer steps on them. Returns their bits."""
+        """Code positions [first, b) of window [a, b) with the current adapters (if `code`);
+        then, if `train`, take the optimizer steps on them. Returns their bits."""
         targets = ids[first:b]
         bits = 0.0
         for step in range(self.params.steps if train else 1):
@@ -254,7 +267,7 @@ class AdaptCompressor:
                 hidden = self.lm.body(
                     input_ids=ids[a:b][None], position_ids=torch.arange(b - a, device=ids.device)[None], use_cache=False
                 ).last_hidden_state[0, first - 1 - a : b - 1 - a]
-            if step == 0:
+            if step == 0 and code:
                 bits = float(self.lm.head_bits(hidden.detach(), targets).to("cpu", torch.float64).sum())
             if not train:
                 break
