@@ -22,7 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from codelen import keys
 from codelen.settings import Settings
-from models.protocol import ModelInfo, WindowPolicy
+from models.protocol import CONTEXT, Conditioning, ModelInfo, WindowPolicy
 from workers.compute import Task
 from workers.jobs import JobState
 
@@ -135,7 +135,22 @@ def info_to_json(info: ModelInfo) -> str:
 def info_from_json(raw: str) -> ModelInfo:
     doc = json.loads(raw)
     window = doc.pop("window", None)
-    return ModelInfo(**doc, window=WindowPolicy(**window) if window else None)
+    conditioning = _conditioning(doc.pop("conditioning", None) or {})
+    modes = tuple(_conditioning(m) for m in doc.pop("modes", None) or ()) or (conditioning,)
+    return ModelInfo(
+        **doc,
+        window=WindowPolicy(**window) if window else None,
+        conditioning=conditioning,
+        modes=modes,
+    )
+
+
+def _conditioning(doc: dict) -> Conditioning:
+    """A Conditioning from dataclasses.asdict (params arrive as lists of [name, value])."""
+    if not doc:
+        return CONTEXT
+    params = tuple((str(k), v) for k, v in doc.get("params", ()))
+    return Conditioning(mode=doc["mode"], params=params, key=doc.get("key", ""))
 
 
 def job_state(record: dict[str, str]) -> JobState:
