@@ -49,12 +49,12 @@ class CodeLengths(TypedDict):
     x: float
     y: float
     xy: float
-    yx: float
+    yx: float | None  # None with direction "y_given_x"
 
 
 class Conditional(TypedDict):
     y_given_x: float
-    x_given_y: float
+    x_given_y: float | None  # None with direction "y_given_x"
 
 
 class XY(TypedDict):
@@ -71,6 +71,8 @@ class Scores(TypedDict):
     ncd: float
     bits_per_byte: XY
     window: dict[str, Any]
+    conditioning: dict[str, Any]  # {"mode": ..., its parameters}; job rows: the mode only
+    direction: Literal["both", "y_given_x"]
 
 
 class ScoreResult(Scores):
@@ -82,8 +84,10 @@ class PairResult(Scores):
 
 
 class Progress(TypedDict):
-    done: int
+    done: int  # pairs
     total: int
+    tokens_done: int  # tokens coded for the job so far (bytes for a classical model)
+    tokens_total: int  # tokens of the work started so far (grows as batches start)
 
 
 class JobStatus(TypedDict):
@@ -91,6 +95,8 @@ class JobStatus(TypedDict):
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     model: str
     kind: Literal["pairs", "matrix"]
+    conditioning: Literal["context", "memory", "adapt"]
+    direction: Literal["both", "y_given_x"]
     progress: Progress
     created_at: float
     finished_at: float | None
@@ -221,18 +227,28 @@ def encode_body(doc: Mapping[str, Any]) -> bytes:
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def pairs_body(pairs: Iterable[Pair], model: str | None = None) -> bytes:
+def _options(doc: dict[str, Any], model: str | None, conditioning: str, direction: str = "both") -> bytes:
+    """Only what differs from the defaults, so default requests keep their bytes (and keys)."""
+    if model:
+        doc["model"] = model
+    if conditioning != "context":
+        doc["conditioning"] = conditioning
+    if direction != "both":
+        doc["direction"] = direction
+    return encode_body(doc)
+
+
+def pairs_body(
+    pairs: Iterable[Pair], model: str | None = None, *, conditioning: str = "context", direction: str = "both"
+) -> bytes:
+    """conditioning: "context", "memory" or "adapt"; direction "y_given_x": C(Y|X) only."""
     doc: dict[str, Any] = {"pairs": [{"id": p["id"], "x": p["x"], "y": p["y"]} for p in pairs]}
-    if model:
-        doc["model"] = model
-    return encode_body(doc)
+    return _options(doc, model, conditioning, direction)
 
 
-def matrix_body(datasets: Mapping[str, Data], model: str | None = None) -> bytes:
+def matrix_body(datasets: Mapping[str, Data], model: str | None = None, *, conditioning: str = "context") -> bytes:
     doc: dict[str, Any] = {"matrix": {"datasets": [{"id": k, "data": v} for k, v in datasets.items()]}}
-    if model:
-        doc["model"] = model
-    return encode_body(doc)
+    return _options(doc, model, conditioning)
 
 
 def content_key(body: bytes, salt: str = "") -> str:
@@ -308,11 +324,10 @@ def _json_headers(idempotency_key: str | None = None) -> dict[str, str]:
     return headers
 
 
-def _score_request(x: Data, y: Data, model: str | None) -> bytes:
-    doc: dict[str, Any] = {"x": x, "y": y}
-    if model:
-        doc["model"] = model
-    return encode_body(doc)
+def _score_request(
+    x: Data, y: Data, model: str | None, conditioning: str = "context", direction: str = "both"
+) -> bytes:
+    return _options({"x": x, "y": y}, model, conditioning, direction)
 
 
 def _ndjson(resp: httpx.Response) -> list[PairResult]:
@@ -358,13 +373,25 @@ class Client(_Base):
             time.sleep(delay)
 
     # scores
-    def score(self, x: Data, y: Data, model: str | None = None, *, timeout: float | None = None) -> ScoreResult:
-        body = _score_request(x, y, model)
+    def score(
+        self,
+        x: Data,
+        y: Data,
+        model: str | None = None,
+        *,
+        timeout: float | None = None,
+        conditioning: str = "context",
+        direction: str = "both",
+        on_progress: ProgressHook | None = None,
+    ) -> ScoreResult:
+        """conditioning: "context", "memory" or "adapt"; direction "y_given_x": C(Y|X) only.
+        A pair not done within the server's wait becomes a job: `on_progress` hears its status."""
+        body = _score_request(x, y, model, conditioning, direction)
         resp = self.request("POST", "/v1/score", content=body, headers=_json_headers(), ok=(200, 202))
         if resp.status_code == 200:
             return resp.json()
         job_id = resp.json()["id"]
-        self.wait(job_id, timeout=timeout)
+        self.wait(job_id, timeout=timeout, on_progress=on_progress)
         return _score_from_job(self.results(job_id))
 
     # jobs
@@ -374,14 +401,26 @@ class Client(_Base):
         return self.request("POST", "/v1/jobs", content=body, headers=_json_headers(key), ok=(202,)).json()
 
     def submit_pairs(
-        self, pairs: Iterable[Pair], model: str | None = None, *, idempotency_key: str | None = None
+        self,
+        pairs: Iterable[Pair],
+        model: str | None = None,
+        *,
+        idempotency_key: str | None = None,
+        conditioning: str = "context",
+        direction: str = "both",
     ) -> JobStatus:
-        return self.submit(pairs_body(pairs, model), idempotency_key)
+        body = pairs_body(pairs, model, conditioning=conditioning, direction=direction)
+        return self.submit(body, idempotency_key)
 
     def submit_matrix(
-        self, datasets: Mapping[str, Data], model: str | None = None, *, idempotency_key: str | None = None
+        self,
+        datasets: Mapping[str, Data],
+        model: str | None = None,
+        *,
+        idempotency_key: str | None = None,
+        conditioning: str = "context",
     ) -> JobStatus:
-        return self.submit(matrix_body(datasets, model), idempotency_key)
+        return self.submit(matrix_body(datasets, model, conditioning=conditioning), idempotency_key)
 
     def job(self, job_id: str) -> JobStatus:
         return self.request("GET", f"/v1/jobs/{job_id}").json()
@@ -468,14 +507,23 @@ class AsyncClient(_Base):
             attempt += 1
             await asyncio.sleep(delay)
 
-    async def score(self, x: Data, y: Data, model: str | None = None, *, timeout: float | None = None) -> ScoreResult:
-        resp = await self.request(
-            "POST", "/v1/score", content=_score_request(x, y, model), headers=_json_headers(), ok=(200, 202)
-        )
+    async def score(
+        self,
+        x: Data,
+        y: Data,
+        model: str | None = None,
+        *,
+        timeout: float | None = None,
+        conditioning: str = "context",
+        direction: str = "both",
+        on_progress: ProgressHook | None = None,
+    ) -> ScoreResult:
+        body = _score_request(x, y, model, conditioning, direction)
+        resp = await self.request("POST", "/v1/score", content=body, headers=_json_headers(), ok=(200, 202))
         if resp.status_code == 200:
             return resp.json()
         job_id = resp.json()["id"]
-        await self.wait(job_id, timeout=timeout)
+        await self.wait(job_id, timeout=timeout, on_progress=on_progress)
         return _score_from_job(await self.results(job_id))
 
     async def submit(self, body: bytes, idempotency_key: str | None = None) -> JobStatus:
@@ -483,14 +531,26 @@ class AsyncClient(_Base):
         return (await self.request("POST", "/v1/jobs", content=body, headers=_json_headers(key), ok=(202,))).json()
 
     async def submit_pairs(
-        self, pairs: Iterable[Pair], model: str | None = None, *, idempotency_key: str | None = None
+        self,
+        pairs: Iterable[Pair],
+        model: str | None = None,
+        *,
+        idempotency_key: str | None = None,
+        conditioning: str = "context",
+        direction: str = "both",
     ) -> JobStatus:
-        return await self.submit(pairs_body(pairs, model), idempotency_key)
+        body = pairs_body(pairs, model, conditioning=conditioning, direction=direction)
+        return await self.submit(body, idempotency_key)
 
     async def submit_matrix(
-        self, datasets: Mapping[str, Data], model: str | None = None, *, idempotency_key: str | None = None
+        self,
+        datasets: Mapping[str, Data],
+        model: str | None = None,
+        *,
+        idempotency_key: str | None = None,
+        conditioning: str = "context",
     ) -> JobStatus:
-        return await self.submit(matrix_body(datasets, model), idempotency_key)
+        return await self.submit(matrix_body(datasets, model, conditioning=conditioning), idempotency_key)
 
     async def job(self, job_id: str) -> JobStatus:
         return (await self.request("GET", f"/v1/jobs/{job_id}")).json()

@@ -77,6 +77,14 @@ def read_pairs(path: Path) -> list[Pair]:
     return pairs
 
 
+def run_label(model: str | None, conditioning: str = "context", direction: str = "both") -> str | None:
+    """The model as output and state files name it: with its conditioning and direction when
+    they are not the defaults, so one file never mixes results of two kinds."""
+    if model is None or (conditioning, direction) == ("context", "both"):
+        return model
+    return f"{model} [{conditioning}, {direction}]"
+
+
 def read_done(path: Path) -> tuple[set[str], set[str]]:
     """(custom_ids already in the output, model ids of those lines). A trailing partial line —
     the client was killed in the middle of a write — is cut off the file first."""
@@ -95,7 +103,8 @@ def read_done(path: Path) -> tuple[set[str], set[str]]:
         try:
             doc = json.loads(line)
             done.add(doc["custom_id"])
-            models.add(doc["model"]["id"])
+            mode = (doc.get("conditioning") or {}).get("mode", "context")
+            models.add(run_label(doc["model"]["id"], mode, doc.get("direction", "both")))
         except (ValueError, KeyError, TypeError):
             raise InputError(f"{path}:{lineno}: not a result line; is this the right output file?") from None
     return done, models
@@ -204,8 +213,14 @@ class Submission:
     written: set[str] = field(default_factory=set)
     failed: dict[str, str] = field(default_factory=dict)
     in_flight: dict[int, int] = field(default_factory=dict)  # chunk number → pairs done on the server
+    conditioning: str = "context"
+    direction: str = "both"
+    tokens: dict[int, tuple[int, int]] = field(default_factory=dict)  # chunk number → tokens done, planned
 
     def _progress(self) -> None:
+        if self.tokens:
+            done, planned = (sum(t[i] for t in self.tokens.values()) for i in (0, 1))
+            self.bar.suffix = f"{done:,}/{planned:,} tokens"
         self.bar.update(len(self.written) + len(self.failed) + sum(self.in_flight.values()))
 
     def _write(self, rows: Iterable[dict[str, Any]], wanted: set[str]) -> set[str]:
@@ -249,12 +264,15 @@ class Submission:
         async with gate:
             remaining = pairs
             while remaining:
-                body = pairs_body(remaining, self.model)
+                body = pairs_body(remaining, self.model, conditioning=self.conditioning, direction=self.direction)
                 base = content_key(body)
                 wanted = {p["id"] for p in remaining}
 
                 def progress(job: JobStatus, number: int = number) -> None:
                     self.in_flight[number] = job["progress"]["done"]
+                    if job["status"] == "running":
+                        p = job["progress"]
+                        self.tokens[number] = (p.get("tokens_done", 0), p.get("tokens_total", 0))
                     self._progress()
 
                 try:
@@ -299,15 +317,18 @@ async def submit_file(
     max_chunk_bytes: int,
     retries: int,
     quiet: bool,
+    conditioning: str = "context",
+    direction: str = "both",
 ) -> int:
     pairs = read_pairs(input_path)
     ids = {p["id"] for p in pairs}
     done, done_models = read_done(output)
-    if model and done_models - {model}:
-        raise InputError(f"{output} holds results of {sorted(done_models)}, not {model!r}: use another output file")
+    label = run_label(model, conditioning, direction)
+    if label and done_models - {label}:
+        raise InputError(f"{output} holds results of {sorted(done_models)}, not {label!r}: use another output file")
     errors_path = output.with_name(output.name + ".errors.jsonl")
     errors_path.unlink(missing_ok=True)  # failed pairs are tried again; this run writes its own
-    state = State.load(output.with_name(output.name + ".state.json"), model)
+    state = State.load(output.with_name(output.name + ".state.json"), label)
     already = len(done & ids)
     chunks = plan_chunks(pairs, done, chunk_size, max_chunk_bytes)
     bar = ProgressBar(len(pairs), start=already, quiet=quiet)
@@ -321,7 +342,7 @@ async def submit_file(
         bar.note(f"{why}; retrying in {seconds:.1f} s")
 
     async with AsyncClient(url, api_key, retry=retry, on_retry=on_retry) as api:
-        batch = Submission(api, model, out, errs, state, bar)
+        batch = Submission(api, model, out, errs, state, bar, conditioning=conditioning, direction=direction)
         gate = asyncio.Semaphore(concurrency)
         tasks = [asyncio.create_task(batch.run_chunk(i, c, gate)) for i, c in enumerate(chunks)]
         try:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from client.api import Client, CodelenError, ScoreResult, content_key, matrix_body
+from client.api import Client, CodelenError, JobStatus, ScoreResult, content_key, matrix_body
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -25,15 +25,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     server.add_argument("--url", default=None, help="service URL (default: $CODELEN_URL or http://127.0.0.1:8000)")
     server.add_argument("--api-key", default=None, help="API key (default: $CODELEN_API_KEY)")
     server.add_argument("--model", default=None, help="model id (default: the service's default)")
+    server.add_argument("--conditioning", choices=("context", "memory", "adapt"), default="context",
+                        help="how X conditions Y: the model's window (default), a memory of every earlier "
+                             "token, or the model trained on X; `codelen models` shows each model's")
+    one_way = argparse.ArgumentParser(add_help=False)
+    one_way.add_argument("--direction", choices=("both", "y_given_x"), default="both",
+                         help="y_given_x: compute C(Y|X) only, not C(X|Y) (half the work for a large X)")
 
-    p = sub.add_parser("score", parents=[server], help="score one pair: code lengths, shared information, NCD",
+    p = sub.add_parser("score", parents=[server, one_way], help="score one pair: code lengths, shared information, NCD",
                        description="X and Y are file paths or literal texts (a path that exists is read as a file).")
     p.add_argument("x")
     p.add_argument("y")
     p.add_argument("--json", action="store_true", help="print the API's JSON")
     p.set_defaults(func=_friendly(score))
 
-    p = sub.add_parser("submit", parents=[server], help="score a JSONL file of pairs as chunked jobs (resumable)",
+    p = sub.add_parser("submit", parents=[server, one_way],
+                       help="score a JSONL file of pairs as chunked jobs (resumable)",
                        description='Input: one {"custom_id", "x", "y"} a line. Output: one line a pair with '
                                    "custom_id and every score field. Rerun the same command to resume.")
     p.add_argument("input", type=Path)
@@ -108,19 +115,40 @@ def format_scores(s: ScoreResult) -> str:
         ("model", f"{s['model']['id']} (revision {s['model']['revision'][:12]})"),
         ("bytes", f"X {s['bytes']['x']:,}   Y {s['bytes']['y']:,}"),
         ("C(X), C(Y)", f"{cl['x']:,.1f}   {cl['y']:,.1f} bits   ({bpb['x']:.3f}, {bpb['y']:.3f} bits/byte)"),
-        ("C(XY), C(YX)", f"{cl['xy']:,.1f}   {cl['yx']:,.1f} bits"),
-        ("C(Y|X), C(X|Y)", f"{cond['y_given_x']:,.1f}   {cond['x_given_y']:,.1f} bits"),
+        ("C(XY), C(YX)", f"{cl['xy']:,.1f}   {_bits(cl['yx'])}"),
+        ("C(Y|X), C(X|Y)", f"{cond['y_given_x']:,.1f}   {_bits(cond['x_given_y'])}"),
         ("shared info", f"{s['shared_information']:,.1f} bits"),
         ("NCD", f"{s['ncd']:.4f}"),
         ("window", policy),
+        ("conditioning", s.get("conditioning", {}).get("mode", "context")),
         ("cached", "yes" if s.get("cached") else "no"),
     ]
     return "\n".join(f"{k:<16}{v}" for k, v in rows)
 
 
+def _bits(value: float | None) -> str:
+    return "(not computed)" if value is None else f"{value:,.1f} bits"
+
+
 def score(args: argparse.Namespace) -> int:
+    from client.progress import ProgressBar
+
+    bar = ProgressBar(0, unit="tokens", quiet=args.json)  # drawn only if the score becomes a job
+
+    def progress(status: JobStatus) -> None:
+        p = status["progress"]
+        bar.total = max(p.get("tokens_total", 0), 1)
+        bar.update(p.get("tokens_done", 0))
+
     with Client(args.url, args.api_key) as api:
-        result = api.score(_text_or_file(args.x), _text_or_file(args.y), args.model)
+        try:
+            result = api.score(
+                _text_or_file(args.x), _text_or_file(args.y), args.model,
+                conditioning=args.conditioning, direction=args.direction, on_progress=progress,
+            )
+        finally:
+            if bar.done:
+                bar.close()
     print(json.dumps(result, indent=2) if args.json else format_scores(result))
     return 0
 
@@ -139,7 +167,7 @@ def submit(args: argparse.Namespace) -> int:
         submit_file(
             args.input, args.output, url=args.url, api_key=args.api_key, model=args.model,
             chunk_size=args.chunk_size, concurrency=args.concurrency, max_chunk_bytes=args.max_chunk_bytes,
-            retries=args.retries, quiet=args.quiet,
+            retries=args.retries, quiet=args.quiet, conditioning=args.conditioning, direction=args.direction,
         )
     )
 
@@ -149,14 +177,13 @@ def submit(args: argparse.Namespace) -> int:
 
 def matrix(args: argparse.Namespace) -> int:
     from client import matrix as matrices
-    from client.api import JobStatus
     from client.progress import ProgressBar, duration
 
     if args.output.suffix.lower() not in (".csv", ".npy", ".json"):
         raise matrices.MatrixInputError(f"{args.output}: write .csv, .npy or .json")
     datasets = matrices.collect(args.inputs)
     n = len(datasets)
-    body = matrix_body(datasets, args.model)
+    body = matrix_body(datasets, args.model, conditioning=args.conditioning)
     bar = ProgressBar(n * (n + 1) // 2, quiet=args.quiet)
     started = time.monotonic()
     with Client(args.url, args.api_key, on_retry=lambda why, s: bar.note(f"{why}; retrying in {s:.1f} s")) as api:
@@ -168,7 +195,10 @@ def matrix(args: argparse.Namespace) -> int:
             job = api.submit(body, f"{key}-{attempt}")
 
         def progress(status: JobStatus) -> None:
-            bar.update(status["progress"]["done"])
+            p = status["progress"]
+            if p.get("tokens_total"):
+                bar.suffix = f"{p['tokens_done']:,}/{p['tokens_total']:,} tokens"
+            bar.update(p["done"])
 
         try:
             api.wait(job["id"], on_progress=progress)

@@ -16,8 +16,10 @@ a backward through the adapted blocks and the head. The weights of the model are
 the adapters live beside it and act only while this mode runs (under the engine's lock).
 
 Determinism: every block is computed alone, in order, from seeded initial adapters, so the same
-dataset gives the same bits on the same machine and torch build; distributed workers that
-recompute a state get the same one. The state after a prefix (adapters and Adam moments, a few
+dataset gives the same bits on the same machine, torch build and number of torch threads (the
+backward pass's sums over a block's positions are split by thread; the forward passes are
+batch-invariant as in `context` mode); distributed workers configured alike that recompute a
+state get the same one. The state after a prefix (adapters and Adam moments, a few
 MB) is kept in a byte-bounded LRU, so a matrix row or many Ys train on X once.
 """
 

@@ -69,7 +69,8 @@ class ClassicalCompressor:
             context_tokens=None,
             description=f"{codec_id} ({convention})",
             convention="C = 8 x compressed bytes; C(Y|X) = C(X·Y) - C(X); " + convention,
-            modes=(Conditioning("context", (("sees", SEES[codec_id]),), ""),),
+            modes=(context := Conditioning("context", (("sees", SEES[codec_id]),), ""),),
+            conditioning=context,
         )
 
     def encode(self, text: str) -> Symbols:
@@ -85,6 +86,8 @@ class ClassicalCompressor:
         self, segments: Sequence[Segment], *, need_prefix: bool = True, progress: Progress | None = None
     ) -> list[SegmentBits]:
         out: list[SegmentBits | None] = [None] * len(segments)
+        if progress is not None:  # in bytes: a classical compressor's symbols
+            progress(0, sum(len(s.prefix) + len(s.target) for s in segments))
         by_prefix: dict[bytes, list[int]] = defaultdict(list)
         for i, seg in enumerate(segments):
             by_prefix[bytes(seg.prefix)].append(i)
@@ -105,4 +108,6 @@ class ClassicalCompressor:
                 else:
                     total = self.bits(prefix + target)
                 out[i] = SegmentBits(prefix_bits, total - prefix_bits)
+                if progress is not None:
+                    progress(len(prefix) + len(target), 0)
         return out  # type: ignore[return-value]

@@ -370,7 +370,8 @@ class LMCompressor:
                 f"bits = sum over tokens of -log2 p(token | start token {self.start_token_id}, "
                 f"preceding tokens); sliding windows of {context} tokens, stride {stride}"
             ),
-            modes=lm_modes(model_id, self.window),
+            modes=(modes := lm_modes(model_id, self.window)),
+            conditioning=modes[0],  # context, with what it sees
         )
 
     def encode(self, text: str) -> tuple[int, ...]:

@@ -17,7 +17,9 @@ from starlette.responses import JSONResponse
 from codelen.datasets import canonical
 from codelen.scores import score_document
 
-FIELDS = {"x", "y", "model"}
+FIELDS = {"x", "y", "model", "conditioning", "direction"}
+MODES = ("context", "memory", "adapt")
+DIRECTIONS = ("both", "y_given_x")
 
 
 def _dataset_like(value: object) -> bool:
@@ -31,6 +33,9 @@ async def cached_score(state: Any, doc: object) -> bytes | None:
     x, y, model = doc["x"], doc["y"], doc.get("model")
     if not (_dataset_like(x) and _dataset_like(y)) or not (model is None or isinstance(model, str)):
         return None
+    mode, direction = doc.get("conditioning", "context"), doc.get("direction", "both")
+    if mode not in MODES or direction not in DIRECTIONS:
+        return None
     s = state.settings
     model = model or s.default_model
     if model not in state.registry.ids():
@@ -38,10 +43,10 @@ async def cached_score(state: Any, doc: object) -> bytes | None:
     try:
         limits = dict(max_record_bytes=s.max_record_bytes, max_records=s.max_records, max_bytes=s.max_dataset_bytes)
         dx, dy = canonical(x, **limits), canonical(y, **limits)
-        lengths = await state.backend.lookup(model, dx, dy)
+        lengths = await state.backend.lookup(model, dx, dy, mode, direction)
         if lengths is None:
             return None
-        info = await state.backend.model_info(model)
+        info = await state.backend.model_info(model, mode)
     except Exception:  # DatasetError, Redis down...: the normal route answers (and reports) it
         return None
     return JSONResponse(score_document(info, dx, dy, lengths, cached=True)).body

@@ -12,6 +12,20 @@ DatasetIn = Annotated[
     Field(description="A dataset: one text, or a list of records (serialized with a separator the model pays for)"),
 ]
 Id = Annotated[StrictStr, Field(min_length=1, max_length=256)]
+Mode = Annotated[
+    Literal["context", "memory", "adapt"],
+    Field(
+        description=(
+            "How X conditions Y: 'context' (the model's window; default), 'memory' (a nearest-neighbour "
+            "memory of every earlier token) or 'adapt' (the model trained on X as it codes it). "
+            "/v1/models lists what each model offers, with the parameters"
+        )
+    ),
+]
+Direction = Annotated[
+    Literal["both", "y_given_x"],
+    Field(description="'y_given_x': compute C(Y|X) only, not C(X|Y) (half the cost for a large X and small Y)"),
+]
 
 
 class _Strict(BaseModel):
@@ -22,6 +36,8 @@ class ScoreRequest(_Strict):
     x: DatasetIn
     y: DatasetIn
     model: StrictStr | None = Field(default=None, description="model id from /v1/models; default: the service's")
+    conditioning: Mode = "context"
+    direction: Direction = "both"
 
 
 class PairIn(_Strict):
@@ -41,6 +57,8 @@ class MatrixIn(_Strict):
 
 class JobRequest(_Strict):
     model: StrictStr | None = None
+    conditioning: Mode = "context"
+    direction: Direction = Field("both", description="'y_given_x' (pairs only): compute C(Y|X), not C(X|Y)")
     pairs: list[PairIn] | None = Field(default=None, min_length=1)
     matrix: MatrixIn | None = None
 
@@ -59,12 +77,12 @@ class CodeLengths(BaseModel):
     x: float
     y: float
     xy: float
-    yx: float
+    yx: float | None = Field(description="null when only C(Y|X) was computed")
 
 
 class Conditional(BaseModel):
     y_given_x: float
-    x_given_y: float
+    x_given_y: float | None = Field(description="null when only C(Y|X) was computed")
 
 
 class Bytes(BaseModel):
@@ -77,16 +95,24 @@ class ScoreResponse(BaseModel):
     bytes: Bytes
     code_lengths: CodeLengths = Field(description="bits")
     conditional: Conditional = Field(description="bits")
-    shared_information: float = Field(description="C(X) + C(Y) - min(C(XY), C(YX)), bits")
+    shared_information: float = Field(
+        description="C(X) + C(Y) - min(C(XY), C(YX)), bits (C(XY) alone with direction y_given_x)"
+    )
     ncd: float
     bits_per_byte: XY
     window: dict[str, object]
+    conditioning: dict[str, object] = Field(description="the mode and all its parameters")
+    direction: Direction
     cached: bool
 
 
 class Progress(BaseModel):
-    done: int
-    total: int
+    done: int = Field(description="pairs finished")
+    total: int = Field(description="pairs in the job")
+    tokens_done: int = Field(0, description="tokens (bytes for a classical model) coded for this job so far")
+    tokens_total: int = Field(
+        0, description="tokens of the work started so far for this job (grows as batches start)"
+    )
 
 
 class JobStatus(BaseModel):
@@ -94,6 +120,8 @@ class JobStatus(BaseModel):
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     model: str
     kind: Literal["pairs", "matrix"]
+    conditioning: Literal["context", "memory", "adapt"] = "context"
+    direction: Literal["both", "y_given_x"] = "both"
     progress: Progress
     created_at: float
     finished_at: float | None = None
@@ -108,6 +136,9 @@ class ModelEntry(BaseModel):
     window: dict[str, object] | None = None
     description: str | None = None
     convention: str | None = None
+    conditioning: dict[str, dict[str, object]] = Field(
+        description="the conditioning modes this model offers, each with its fixed parameters"
+    )
 
 
 class ModelList(BaseModel):

@@ -25,16 +25,21 @@ class Backend(Protocol):
         """(ready, detail) for /readyz."""
         ...
 
-    async def model_info(self, model_id: str) -> ModelInfo: ...
+    async def model_info(self, model_id: str, mode: str = "context") -> ModelInfo:
+        """The model's info in conditioning `mode`; models.protocol.UnsupportedMode if it has none."""
+        ...
 
     def queue_depth(self) -> int: ...
 
-    async def lookup(self, model_id: str, x: Dataset, y: Dataset) -> PairLengths | None:
-        """The four code lengths of a pair if all are cached, else None. Never queues work."""
+    async def lookup(
+        self, model_id: str, x: Dataset, y: Dataset, mode: str = "context", direction: str = "both"
+    ) -> PairLengths | None:
+        """The code lengths of a pair (three with direction y_given_x) if all are cached, else None.
+        Never queues work."""
         ...
 
     async def score(
-        self, model_id: str, x: Dataset, y: Dataset, wait_s: float
+        self, model_id: str, x: Dataset, y: Dataset, wait_s: float, mode: str = "context", direction: str = "both"
     ) -> tuple[PairLengths | None, bool, JobDoc | None]:
         """(lengths, cached, None) within wait_s, else (None, False, the job now holding the pair)."""
         ...
@@ -44,7 +49,8 @@ class Backend(Protocol):
     async def job(self, job_id: str) -> JobDoc | None: ...
 
     async def results(self, job_id: str) -> tuple[JobDoc, list[dict], dict | None] | None:
-        """(job, finished results in pair order, matrix document or None); None if unknown."""
+        """(job with its `conditioning_parameters`, finished results in pair order, matrix document
+        or None); None if unknown."""
         ...
 
     async def cancel(self, job_id: str) -> JobDoc | None: ...

@@ -17,7 +17,7 @@ from codelen.datasets import Dataset
 from codelen.metrics import Metrics
 from codelen.scores import PairLengths
 from codelen.settings import Settings
-from models.protocol import Compressor, ModelInfo
+from models.protocol import Compressor, ModelInfo, Progress
 from models.registry import Registry
 from workers.compute import SymbolCache, Task, pair_tasks, run_tasks_isolating
 from workers.jobs import (
@@ -60,6 +60,27 @@ class LRUCache:
         return len(self._d)
 
 
+class _BatchTokens:
+    """Tokens planned and coded so far by one running batch, and the jobs credited with them."""
+
+    def __init__(self) -> None:
+        self.done = self.total = 0
+        self.jobs: dict[int, JobState] = {}
+
+    def join(self, job: JobState) -> None:
+        if id(job) not in self.jobs:  # a job waiting on two tasks of one batch counts it once
+            self.jobs[id(job)] = job
+            job.tokens_done += self.done
+            job.tokens_total += self.total
+
+    def credit(self, coded: int, planned: int) -> None:
+        self.done += coded
+        self.total += planned
+        for j in self.jobs.values():
+            j.tokens_done += coded
+            j.tokens_total += planned
+
+
 class Engine:
     """Code lengths on demand: cache first, then the queue; concurrent askers share one run."""
 
@@ -72,6 +93,8 @@ class Engine:
         self._text_refs: dict[str, int] = {}
         self._queue: asyncio.Queue[Task] = asyncio.Queue()
         self._inflight: dict[Task, asyncio.Future[float]] = {}
+        self._watchers: dict[Task, list[JobState]] = {}  # jobs credited with a queued task's tokens
+        self._running: dict[Task, _BatchTokens] = {}  # tasks of the batch now running
         self._symbols = SymbolCache()
         self._worker: asyncio.Task | None = None
 
@@ -84,10 +107,11 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
 
-    async def compressor(self, model_id: str) -> Compressor:
-        if self.registry.loaded(model_id):
+    async def compressor(self, model_id: str, mode: str = "context") -> Compressor:
+        """The model's compressor in conditioning `mode` (UnsupportedMode if it has none)."""
+        if self.registry.loaded(model_id) and mode == "context":
             return self.registry.get(model_id)
-        return await asyncio.to_thread(self.registry.get, model_id)
+        return await asyncio.to_thread(self.registry.get, model_id, mode)
 
     def queue_depth(self) -> int:
         return self._queue.qsize()
@@ -107,7 +131,13 @@ class Engine:
         return out
 
     def request(
-        self, info: ModelInfo, tasks: list[Task], texts: dict[str, str], *, admit: bool = True
+        self,
+        info: ModelInfo,
+        tasks: list[Task],
+        texts: dict[str, str],
+        *,
+        admit: bool = True,
+        job: JobState | None = None,
     ) -> dict[Task, asyncio.Future[float]]:
         """A future per task: done at once if cached, shared if already queued, else queued.
 
@@ -127,9 +157,15 @@ class Engine:
                 fut.set_result(v)
             elif t in self._inflight:
                 fut = self._inflight[t]
+                if job is not None:
+                    self._watchers.setdefault(t, []).append(job)
+                    if t in self._running:
+                        self._running[t].join(job)
             else:
                 fut = loop.create_future()
                 self._inflight[t] = fut
+                if job is not None:
+                    self._watchers.setdefault(t, []).append(job)
                 for sha in t.shas():
                     self._texts.setdefault(sha, texts[sha])
                     self._text_refs[sha] = self._text_refs.get(sha, 0) + 1
@@ -138,11 +174,19 @@ class Engine:
         self.metrics.queue_depth.set(self._queue.qsize())
         return out
 
-    async def pair_lengths(self, info: ModelInfo, x: Dataset, y: Dataset, *, admit: bool = True) -> PairLengths:
-        tasks = pair_tasks(info.id, x.sha256, y.sha256)
-        futs = self.request(info, tasks, {x.sha256: x.text, y.sha256: y.text}, admit=admit)
-        v = await asyncio.gather(*(asyncio.shield(futs[t]) for t in tasks))
-        return PairLengths(x=v[0], y=v[1], y_given_x=v[2], x_given_y=v[3])
+    async def pair_lengths(
+        self,
+        info: ModelInfo,
+        x: Dataset,
+        y: Dataset,
+        *,
+        direction: str = "both",
+        admit: bool = True,
+        job: JobState | None = None,
+    ) -> PairLengths:
+        tasks = pair_tasks(info.id, x.sha256, y.sha256, info.conditioning.mode, direction)
+        futs = self.request(info, tasks, {x.sha256: x.text, y.sha256: y.text}, admit=admit, job=job)
+        return PairLengths.of(await asyncio.gather(*(asyncio.shield(futs[t]) for t in tasks)))
 
     # -- the worker: read → batch → run → write ---------------------------------------------
 
@@ -165,18 +209,33 @@ class Engine:
                 except TimeoutError:
                     break
             self.metrics.queue_depth.set(self._queue.qsize())
-            by_model: dict[str, list[Task]] = {}
+            by_model: dict[tuple[str, str], list[Task]] = {}
             for t in batch:
-                by_model.setdefault(t.model, []).append(t)
-            for model, tasks in by_model.items():
-                await self._run_batch(model, tasks)
+                by_model.setdefault((t.model, t.mode), []).append(t)
+            for (model, mode), tasks in by_model.items():
+                await self._run_batch(model, mode, tasks)
 
-    async def _run_batch(self, model: str, tasks: list[Task]) -> None:
+    def _progress(self, tasks: list[Task]) -> Progress:
+        """Credit the jobs waiting on `tasks` (and jobs that start waiting while they run) with
+        the tokens their batch plans and codes. Called from the worker thread; the counters are
+        updated on the event loop."""
+        loop = asyncio.get_running_loop()
+        batch = _BatchTokens()
+        for t in tasks:
+            self._running[t] = batch
+            for j in self._watchers.get(t, ()):
+                batch.join(j)
+        return lambda coded, planned: loop.call_soon_threadsafe(batch.credit, coded, planned)
+
+    async def _run_batch(self, model: str, mode: str, tasks: list[Task]) -> None:
         texts = {sha: self._texts[sha] for t in tasks for sha in t.shas()}
         started = time.perf_counter()
         try:
-            compressor = await self.compressor(model)
-            results, failed = await asyncio.to_thread(run_tasks_isolating, compressor, tasks, texts, self._symbols)
+            compressor = await self.compressor(model, mode)
+            progress = self._progress(tasks)
+            results, failed = await asyncio.to_thread(
+                run_tasks_isolating, compressor, tasks, texts, self._symbols, progress
+            )
             error: BaseException | None = None
         except Exception as exc:  # a broken model fails the batch, not the worker
             results, failed, error = {}, {}, exc
@@ -184,6 +243,8 @@ class Engine:
         self.metrics.batch_size.observe(len(tasks))
         for t in tasks:
             fut = self._inflight.pop(t)
+            self._watchers.pop(t, None)
+            self._running.pop(t, None)
             for sha in t.shas():
                 self._text_refs[sha] -= 1
                 if not self._text_refs[sha]:
@@ -218,6 +279,7 @@ class EmbeddedBackend:
         self._results: dict[str, list[dict | None]] = {}
         self._runners: dict[str, asyncio.Task] = {}
         self._idempotency: dict[str, tuple[str, str]] = {}
+        self._conditioning: dict[str, dict[str, object]] = {}  # job id → its mode and parameters
 
     async def start(self) -> None:
         await self.engine.start()
@@ -231,32 +293,37 @@ class EmbeddedBackend:
         pending = [m for m in self.settings.preload_ids() if not self.registry.loaded(m)]
         return (not pending, f"loading {', '.join(pending)}" if pending else "ok")
 
-    async def model_info(self, model_id: str) -> ModelInfo:
-        return (await self.engine.compressor(model_id)).info
+    async def model_info(self, model_id: str, mode: str = "context") -> ModelInfo:
+        """The model's info in conditioning `mode` (UnsupportedMode if it offers none)."""
+        return (await self.engine.compressor(model_id, mode)).info
 
     def queue_depth(self) -> int:
         return self.engine.queue_depth()
 
-    async def lookup(self, model_id: str, x: Dataset, y: Dataset) -> PairLengths | None:
-        """The pair's four code lengths if all are cached, else None; never queues work."""
-        info = await self.model_info(model_id)
-        cached = self.engine.lookup(info, pair_tasks(model_id, x.sha256, y.sha256))
-        return None if cached is None else PairLengths(*cached.values())
+    async def lookup(
+        self, model_id: str, x: Dataset, y: Dataset, mode: str = "context", direction: str = "both"
+    ) -> PairLengths | None:
+        """The pair's code lengths if all are cached, else None; never queues work."""
+        info = await self.model_info(model_id, mode)
+        tasks = pair_tasks(model_id, x.sha256, y.sha256, mode, direction)
+        cached = self.engine.lookup(info, tasks)
+        return None if cached is None else PairLengths.of([cached[t] for t in tasks])
 
     async def score(
-        self, model_id: str, x: Dataset, y: Dataset, wait_s: float
+        self, model_id: str, x: Dataset, y: Dataset, wait_s: float, mode: str = "context", direction: str = "both"
     ) -> tuple[PairLengths | None, bool, dict | None]:
         """(lengths, cached, None) if answered within wait_s, else (None, False, job)."""
-        cached = await self.lookup(model_id, x, y)
+        cached = await self.lookup(model_id, x, y, mode, direction)
         if cached is not None:
             return cached, True, None
-        info = await self.model_info(model_id)
-        work = asyncio.ensure_future(self.engine.pair_lengths(info, x, y))
+        info = await self.model_info(model_id, mode)
+        work = asyncio.ensure_future(self.engine.pair_lengths(info, x, y, direction=direction))
         try:
             return await asyncio.wait_for(asyncio.shield(work), wait_s), False, None
         except TimeoutError:
+            spec = JobSpec(model_id, [PairSpec("0", x, y)], mode=mode, direction=direction)
+            job = await self.submit(spec, None)  # shares the queued tasks before `work` lets go of them
             work.cancel()
-            job = await self.submit(JobSpec(model_id, [PairSpec("0", x, y)]), None)
             return None, False, job
 
     # -- jobs -------------------------------------------------------------------------------
@@ -272,11 +339,20 @@ class EmbeddedBackend:
                     return self._jobs[job_id].public()
         if self.engine.queue_depth() >= self.settings.max_queue_items:
             raise Overloaded(f"queue holds {self.engine.queue_depth()} tasks")
-        info = await self.model_info(spec.model)
+        info = await self.model_info(spec.model, spec.mode)
         kind = "matrix" if spec.matrix_ids else "pairs"
-        job = JobState(new_job_id(), spec.model, kind, len(spec.pairs), matrix_ids=spec.matrix_ids)
+        job = JobState(
+            new_job_id(),
+            spec.model,
+            kind,
+            len(spec.pairs),
+            matrix_ids=spec.matrix_ids,
+            mode=spec.mode,
+            direction=spec.direction,
+        )
         self._jobs[job.id] = job
         self._specs[job.id] = spec
+        self._conditioning[job.id] = info.conditioning.as_dict()
         self._results[job.id] = [None] * len(spec.pairs)
         if idempotency_key:
             self._idempotency[digest] = (job.id, spec.fingerprint)
@@ -292,6 +368,7 @@ class EmbeddedBackend:
                 del self._jobs[job_id]
                 self._results.pop(job_id, None)
                 self._specs.pop(job_id, None)
+                self._conditioning.pop(job_id, None)
 
     async def _run_job(self, job: JobState, spec: JobSpec, info: ModelInfo) -> None:
         job.status = "running"
@@ -303,7 +380,9 @@ class EmbeddedBackend:
             while next_pair < len(spec.pairs) or pending:
                 while next_pair < len(spec.pairs) and len(pending) < JOB_WINDOW:
                     p = spec.pairs[next_pair]
-                    fut = asyncio.ensure_future(self.engine.pair_lengths(info, p.x, p.y, admit=False))
+                    fut = asyncio.ensure_future(
+                        self.engine.pair_lengths(info, p.x, p.y, direction=spec.direction, admit=False, job=job)
+                    )
                     index[fut] = next_pair
                     pending.add(fut)
                     next_pair += 1
@@ -341,7 +420,7 @@ class EmbeddedBackend:
         matrix = None
         if job.matrix_ids and job.status == "succeeded":
             matrix = matrix_document(job.matrix_ids, done)
-        return job.public(), done, matrix
+        return {**job.public(), "conditioning_parameters": self._conditioning.get(job_id)}, done, matrix
 
     async def cancel(self, job_id: str) -> dict[str, object] | None:
         job = self._jobs.get(job_id)

@@ -34,6 +34,8 @@ class JobSpec:
     pairs: list[PairSpec]
     matrix_ids: list[str] | None = None  # set for a matrix job: pairs are (i, j), i <= j
     fingerprint: str = ""  # hash of the request body, for Idempotency-Key reuse checks
+    mode: str = "context"  # conditioning (models/conditioning.py)
+    direction: str = "both"  # or "y_given_x": C(X|Y) is not computed
 
 
 def new_job_id() -> str:
@@ -51,8 +53,11 @@ def matrix_pairs(ids: list[str], datasets: list[Dataset]) -> list[PairSpec]:
 
 
 def pair_result(info: ModelInfo, pair: PairSpec, lengths: PairLengths) -> dict[str, object]:
+    """A result row: the score document without `cached`, and only the mode's name (the results
+    document states its parameters once, under `conditioning_parameters`)."""
     doc = score_document(info, pair.x, pair.y, lengths, cached=False)
     doc.pop("cached")
+    doc["conditioning"] = {"mode": info.conditioning.mode}
     return {"id": pair.id, **doc}
 
 
@@ -85,6 +90,10 @@ class JobState:
     matrix_ids: list[str] | None = None
     created_at: float = field(default_factory=time.time)
     finished_at: float | None = None
+    mode: str = "context"
+    direction: str = "both"
+    tokens_done: int = 0  # tokens coded in batches that ran this job's tasks
+    tokens_total: int = 0  # tokens of those batches, counted when each starts
 
     def public(self) -> dict[str, object]:
         return {
@@ -92,7 +101,14 @@ class JobState:
             "status": self.status,
             "model": self.model,
             "kind": self.kind,
-            "progress": {"done": self.done, "total": self.total},
+            "conditioning": self.mode,
+            "direction": self.direction,
+            "progress": {
+                "done": self.done,
+                "total": self.total,
+                "tokens_done": self.tokens_done,
+                "tokens_total": self.tokens_total,
+            },
             "created_at": self.created_at,
             "finished_at": self.finished_at,
             "error": self.error,

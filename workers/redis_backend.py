@@ -109,8 +109,11 @@ class RedisBackend:
         return True, f"ok; {workers} worker(s) alive"
 
     @redis_errors_unavailable
-    async def model_info(self, model_id: str) -> ModelInfo:
-        """The info the workers published (cached for model_info_refresh_s)."""
+    async def model_info(self, model_id: str, mode: str = "context") -> ModelInfo:
+        """The info the workers published (cached for model_info_refresh_s), in conditioning `mode`."""
+        return (await self._published_info(model_id)).with_mode(mode)
+
+    async def _published_info(self, model_id: str) -> ModelInfo:
         now = time.monotonic()
         hit = self._infos.get(model_id)
         if hit is not None and now - hit[0] < self.settings.model_info_refresh_s:
@@ -140,25 +143,29 @@ class RedisBackend:
     # -- /v1/score ---------------------------------------------------------------------------
 
     @redis_errors_unavailable
-    async def lookup(self, model_id: str, x: Dataset, y: Dataset) -> PairLengths | None:
-        """The pair's four code lengths if all are cached (one MGET), else None."""
-        ns = (await self.model_info(model_id)).cache_namespace
-        values = await self.cache.mget([t.key(ns) for t in pair_tasks(model_id, x.sha256, y.sha256)])
+    async def lookup(
+        self, model_id: str, x: Dataset, y: Dataset, mode: str = "context", direction: str = "both"
+    ) -> PairLengths | None:
+        """The pair's code lengths if all are cached (one MGET), else None."""
+        ns = (await self.model_info(model_id, mode)).cache_namespace
+        tasks = pair_tasks(model_id, x.sha256, y.sha256, mode, direction)
+        values = await self.cache.mget([t.key(ns) for t in tasks])
         if None in values:
             self.metrics.cache.labels("miss").inc()
             return None
-        self.metrics.cache.labels("hit").inc(4)
-        return PairLengths(*(float(v) for v in values))
+        self.metrics.cache.labels("hit").inc(len(values))
+        return PairLengths.of([float(v) for v in values])
 
     @redis_errors_unavailable
     async def score(
-        self, model_id: str, x: Dataset, y: Dataset, wait_s: float
+        self, model_id: str, x: Dataset, y: Dataset, wait_s: float, mode: str = "context", direction: str = "both"
     ) -> tuple[PairLengths | None, bool, dict | None]:
-        cached = await self.lookup(model_id, x, y)
+        cached = await self.lookup(model_id, x, y, mode, direction)
         if cached is not None:
             return cached, True, None
-        tasks = pair_tasks(model_id, x.sha256, y.sha256)
-        job = await self._create(JobSpec(model_id, [PairSpec("0", x, y)]), await self.model_info(model_id))
+        tasks = pair_tasks(model_id, x.sha256, y.sha256, mode, direction)
+        spec = JobSpec(model_id, [PairSpec("0", x, y)], mode=mode, direction=direction)
+        job = await self._create(spec, await self.model_info(model_id, mode))
         deadline = time.monotonic() + wait_s
         pause = 0.002
         while True:
@@ -166,8 +173,7 @@ class RedisBackend:
             if status == "succeeded":
                 got = await self.redis.hmget(keys.job_values(str(job["id"])), [redis_state.task_id(t) for t in tasks])
                 if None not in got:
-                    v = [float(b) for b in got]
-                    return PairLengths(v[0], v[1], v[2], v[3]), False, None
+                    return PairLengths.of([float(b) for b in got]), False, None
             if status == "failed":
                 raise TaskFailed(error or "the pair could not be scored")
             if status is None or status == "cancelled" or time.monotonic() >= deadline:
@@ -180,14 +186,14 @@ class RedisBackend:
     @redis_errors_unavailable
     async def submit(self, spec: JobSpec, idempotency_key: str | None) -> dict[str, object]:
         if not idempotency_key:
-            return await self._create(spec, await self.model_info(spec.model))
+            return await self._create(spec, await self.model_info(spec.model, spec.mode))
         digest = hashlib.sha256(idempotency_key.encode()).hexdigest()
         idem = keys.idempotency(digest)
         job_id = new_job_id()
         if not await self.redis.set(idem, f"{job_id} {spec.fingerprint}", nx=True, ex=self.settings.job_ttl_s):
             return await self._existing(idem, spec)
         try:
-            return await self._create(spec, await self.model_info(spec.model), job_id)
+            return await self._create(spec, await self.model_info(spec.model, spec.mode), job_id)
         except BaseException:
             await self.redis.delete(idem)  # nothing was created under this key
             raise
@@ -218,7 +224,7 @@ class RedisBackend:
         sizes: dict[str, int] = {}
         for p in spec.pairs:
             tids = []
-            for t in pair_tasks(spec.model, p.x.sha256, p.y.sha256):
+            for t in pair_tasks(spec.model, p.x.sha256, p.y.sha256, spec.mode, spec.direction):
                 tid = redis_state.task_id(t)
                 if tid not in tasks:
                     tasks[tid] = t
@@ -256,6 +262,8 @@ class RedisBackend:
             "id": job_id,
             "model": spec.model,
             "kind": "matrix" if spec.matrix_ids else "pairs",
+            "mode": spec.mode,
+            "direction": spec.direction,
             "status": "queued" if remaining else "succeeded",
             "total": total,
             "done": done,
@@ -318,14 +326,14 @@ class RedisBackend:
         rows = []
         for raw in pairs:
             pair_id, hx, hy, nx, ny = json.loads(raw)
-            got = [values.get(redis_state.task_id(t)) for t in pair_tasks(job.model, hx, hy)]
+            tasks = pair_tasks(job.model, hx, hy, job.mode, job.direction)
+            got = [values.get(redis_state.task_id(t)) for t in tasks]
             if None in got:
                 continue
-            v = [float(b) for b in got]
             pair = PairSpec(pair_id, Dataset("", hx, nx, 0), Dataset("", hy, ny, 0))
-            rows.append(pair_result(info, pair, PairLengths(v[0], v[1], v[2], v[3])))
+            rows.append(pair_result(info, pair, PairLengths.of([float(b) for b in got])))
         matrix = matrix_document(job.matrix_ids, rows) if job.matrix_ids and job.status == "succeeded" else None
-        return job.public(), rows, matrix
+        return {**job.public(), "conditioning_parameters": info.conditioning.as_dict()}, rows, matrix
 
     @redis_errors_unavailable
     async def cancel(self, job_id: str) -> dict[str, object] | None:

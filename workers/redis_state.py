@@ -81,6 +81,16 @@ return st
 """
 
 
+# KEYS: job record.  ARGV: tokens coded, tokens planned. A job that is gone is not re-created.
+PROGRESS = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HINCRBY', KEYS[1], 'tokens_done', ARGV[1])
+  redis.call('HINCRBY', KEYS[1], 'tokens_total', ARGV[2])
+end
+return 0
+"""
+
+
 def connect(url: str) -> aioredis.Redis:
     """A client that rides over a Redis restart: a command that meets a closed connection is
     retried on a new one (with backoff, redis-py's default Retry). Every write here may run twice
@@ -116,7 +126,15 @@ class Entry:
 
 
 def entry_fields(job_id: str, ns: str, task: Task, cost: int) -> dict[str, str]:
-    return {"job": job_id, "model": task.model, "ns": ns, "hx": task.hx, "hy": task.hy or "", "bytes": str(cost)}
+    return {
+        "job": job_id,
+        "model": task.model,
+        "mode": task.mode,
+        "ns": ns,
+        "hx": task.hx,
+        "hy": task.hy or "",
+        "bytes": str(cost),
+    }
 
 
 def parse_entry(entry_id: str, fields: dict[str, str]) -> Entry:
@@ -124,7 +142,7 @@ def parse_entry(entry_id: str, fields: dict[str, str]) -> Entry:
     hx, hy = fields["hx"], fields.get("hy") or None
     if len(hx) != 64 or (hy is not None and len(hy) != 64):
         raise ValueError(f"bad sha256 in {fields}")
-    task = Task(fields["model"], hx, hy)
+    task = Task(fields["model"], hx, hy, fields.get("mode") or "context")
     return Entry(entry_id, fields["job"], fields["ns"], task, int(fields.get("bytes", 0)))
 
 
@@ -167,6 +185,10 @@ def job_state(record: dict[str, str]) -> JobState:
         matrix_ids=json.loads(matrix_ids) if matrix_ids else None,
         created_at=float(record["created_at"]),
         finished_at=float(finished) if finished else None,
+        mode=record.get("mode") or "context",
+        direction=record.get("direction") or "both",
+        tokens_done=int(record.get("tokens_done", 0)),
+        tokens_total=int(record.get("tokens_total", 0)),
     )
 
 

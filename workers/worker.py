@@ -36,7 +36,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from codelen import keys
 from codelen.metrics import Metrics
 from codelen.settings import Settings
-from models.protocol import Compressor
+from models.protocol import Compressor, Progress, UnsupportedMode
 from models.registry import Registry
 from workers import redis_state
 from workers.compute import SymbolCache, Task, run_tasks_isolating
@@ -51,6 +51,7 @@ READ_BLOCK_MS = 1000  # longest blocking read, so a stop request is seen within 
 DEFAULT_BATCH_BYTES = 65536
 CONSUMER_GC_S = 3600  # consumers with nothing pending and idle this long are removed from the group
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError)
+PROGRESS_FLUSH_S = 1.0  # how often a running batch adds its tokens to its jobs' records
 
 
 class Worker:
@@ -63,6 +64,7 @@ class Worker:
         self.cache = redis_state.connect(settings.cache_redis_url) if settings.cache_redis_url else self.redis  # clc:
         self._record = self.redis.register_script(redis_state.RECORD)
         self._fail = self.redis.register_script(redis_state.FAIL)
+        self._tokens = self.redis.register_script(redis_state.PROGRESS)
         self._compressors: dict[str, Compressor] = {}
         self._symbols = SymbolCache()
         self._held: dict[str, Entry] = {}  # read, not yet acknowledged
@@ -316,11 +318,14 @@ class Worker:
         failed: dict[str, str] = {}  # entry id → reason (permanent: dead-letter)
         errors: dict[str, str] = {}  # entry id → exception (transient: left pending for a retry)
         computed: dict[str, float] = {}  # cache key → bits
-        todo: dict[str, dict[Task, list[Entry]]] = {}
+        todo: dict[tuple[str, str], dict[Task, list[Entry]]] = {}
+        compressors = await self._mode_compressors({(e.task.model, e.task.mode) for e in live})
         for e in live:
-            compressor = self._compressors[e.task.model]
+            compressor = compressors[e.task.model, e.task.mode]
             key = e.task.key(e.ns)
-            if e.ns != compressor.info.cache_namespace:
+            if isinstance(compressor, str):
+                failed[e.id] = compressor
+            elif e.ns != compressor.info.cache_namespace:
                 failed[e.id] = (
                     f"queued for {e.ns} but this worker serves {compressor.info.cache_namespace} "
                     "(the model changed while the job was queued; resubmit it)"
@@ -330,9 +335,10 @@ class Worker:
             elif any(sha not in texts for sha in e.task.shas()):
                 failed[e.id] = "the dataset text is gone from Redis (expired or evicted); resubmit the job"
             else:
-                todo.setdefault(e.task.model, {}).setdefault(e.task, []).append(e)
-        for model_id, tasks in todo.items():
-            got, bad, broken = await self._run(model_id, list(tasks), texts)
+                todo.setdefault((e.task.model, e.task.mode), {}).setdefault(e.task, []).append(e)
+        for (model_id, mode), tasks in todo.items():
+            jobs = sorted({e.job for entries in tasks.values() for e in entries})
+            got, bad, broken = await self._run_reporting(compressors[model_id, mode], list(tasks), texts, jobs)
             computed.update(got)
             for task, entries in tasks.items():
                 for e in entries:
@@ -372,14 +378,66 @@ class Worker:
         got = await self.redis.mget([keys.data(sha) for sha in shas]) if shas else []
         return live, values, {sha: t for sha, t in zip(shas, got, strict=True) if t is not None}
 
+    async def _mode_compressors(self, wanted: set[tuple[str, str]]) -> dict[tuple[str, str], Compressor | str]:
+        """The compressor of each (model, conditioning mode), or why there is none (permanent)."""
+        out: dict[tuple[str, str], Compressor | str] = {}
+        for model_id, mode in wanted:
+            if mode == "context":
+                out[model_id, mode] = self._compressors[model_id]
+                continue
+            try:  # the mode's wrapper around the loaded model: built once, cheap
+                out[model_id, mode] = await asyncio.to_thread(self.registry.get, model_id, mode)
+            except UnsupportedMode as exc:
+                out[model_id, mode] = str(exc)
+        return out
+
+    async def _run_reporting(
+        self, compressor: Compressor, tasks: list[Task], texts: dict[str, str], jobs: list[str]
+    ) -> tuple[dict[str, float], dict[Task, str], dict[Task, str]]:
+        """_run, adding the tokens it plans and codes to its jobs' records about once a second
+        (best effort: progress is never worth failing or delaying a batch)."""
+        loop = asyncio.get_running_loop()
+        pending = [0, 0]  # coded, planned; touched on the event loop only
+
+        def add(coded: int, planned: int) -> None:
+            pending[0] += coded
+            pending[1] += planned
+
+        async def flush() -> None:
+            coded, planned = pending
+            if not (coded or planned):
+                return
+            pending[0] = pending[1] = 0
+            with contextlib.suppress(*REDIS_ERRORS):
+                pipe = self.redis.pipeline(transaction=False)
+                for job_id in jobs:
+                    await self._tokens(keys=[keys.job(job_id)], args=[coded, planned], client=pipe)
+                await pipe.execute()
+
+        async def reporter() -> None:
+            while True:
+                await asyncio.sleep(PROGRESS_FLUSH_S)
+                await flush()
+
+        task = asyncio.create_task(reporter())
+        try:
+            progress = lambda coded, planned: loop.call_soon_threadsafe(add, coded, planned)  # noqa: E731
+            return await self._run(compressor, tasks, texts, progress)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await flush()
+
     async def _run(
-        self, model_id: str, tasks: list[Task], texts: dict[str, str]
+        self, compressor: Compressor, tasks: list[Task], texts: dict[str, str], progress: Progress | None = None
     ) -> tuple[dict[str, float], dict[Task, str], dict[Task, str]]:
         """(values, permanent failures, transient errors). A batch that raises is run again one
         task at a time, so one bad input cannot fail its neighbours."""
-        compressor = self._compressors[model_id]
         try:
-            got, bad = await asyncio.to_thread(run_tasks_isolating, compressor, tasks, texts, self._symbols)
+            got, bad = await asyncio.to_thread(
+                run_tasks_isolating, compressor, tasks, texts, self._symbols, progress
+            )
             return got, {t: reason for t, reason in bad.items()}, {}
         except Exception as exc:
             if len(tasks) == 1:
@@ -388,7 +446,7 @@ class Worker:
         values: dict[str, float] = {}
         bad, broken = {}, {}
         for t in tasks:
-            v, b, e = await self._run(model_id, [t], texts)
+            v, b, e = await self._run(compressor, [t], texts, progress)
             values.update(v)
             bad.update(b)
             broken.update(e)

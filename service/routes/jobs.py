@@ -22,6 +22,7 @@ def _spec(request: Request, body: JobRequest, raw: bytes) -> JobSpec:
     if (body.pairs is None) == (body.matrix is None):
         raise Problem(422, "send exactly one of 'pairs' or 'matrix'")
     model = model_id(request, body.model)
+    mode = body.conditioning
     fingerprint = hashlib.sha256(raw).hexdigest()
     if body.pairs is not None:
         if len(body.pairs) > s.max_pairs:
@@ -33,8 +34,10 @@ def _spec(request: Request, body: JobRequest, raw: bytes) -> JobSpec:
             PairSpec(p.id, dataset(request, p.x, f"/pairs/{i}/x"), dataset(request, p.y, f"/pairs/{i}/y"))
             for i, p in enumerate(body.pairs)
         ]
-        return JobSpec(model, pairs, fingerprint=fingerprint)
+        return JobSpec(model, pairs, fingerprint=fingerprint, mode=mode, direction=body.direction)
     assert body.matrix is not None
+    if body.direction != "both":
+        raise Problem(422, "/direction: a matrix needs both directions; use 'pairs' for C(Y|X) alone")
     entries = body.matrix.datasets
     if len(entries) > s.max_matrix_datasets:
         raise Problem(413, f"{len(entries)} datasets; at most {s.max_matrix_datasets} per matrix")
@@ -42,7 +45,7 @@ def _spec(request: Request, body: JobRequest, raw: bytes) -> JobSpec:
     if len(set(ids)) != len(ids):
         raise Problem(422, "dataset ids must be unique within a matrix")
     data = [dataset(request, d.data, f"/matrix/datasets/{i}/data") for i, d in enumerate(entries)]
-    return JobSpec(model, matrix_pairs(ids, data), matrix_ids=ids, fingerprint=fingerprint)
+    return JobSpec(model, matrix_pairs(ids, data), matrix_ids=ids, fingerprint=fingerprint, mode=mode)
 
 
 @router.post(

@@ -30,12 +30,14 @@ async def score(body: ScoreRequest, request: Request) -> JSONResponse:
     backend = backend_of(request)
     settings = settings_of(request)
     try:
-        lengths, cached, job = await backend.score(model, x, y, settings.score_wait_s)
+        lengths, cached, job = await backend.score(
+            model, x, y, settings.score_wait_s, body.conditioning, body.direction
+        )
     except Overloaded as exc:
         raise Problem(429, f"overloaded: {exc}", headers={"Retry-After": str(settings.retry_after_s)}) from None
     except TaskFailed as exc:
         raise Problem(422, str(exc)) from None
     if job is not None:
         return JSONResponse(job, status_code=202, headers={"Location": f"/v1/jobs/{job['id']}"})
-    info = await backend.model_info(model)
+    info = await backend.model_info(model, body.conditioning)
     return JSONResponse(score_document(info, x, y, lengths, cached))
