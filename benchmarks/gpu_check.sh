@@ -4,6 +4,10 @@
 #   bash benchmarks/gpu_check.sh tests              # tests/test_engine_cuda.py (about 2.5 min on an H100)
 #   bash benchmarks/gpu_check.sh head               # benchmarks/head_kernel.py (under 1 min)
 #   bash benchmarks/gpu_check.sh engine MODEL...    # engine_throughput.py per model (SmolLM2 ~2.5 min, Gemma ~4)
+#   bash benchmarks/gpu_check.sh conditioning       # tests/test_conditioning_cuda.py, then memory and adapt
+#                                                   # over a 1 MB X (250k tokens): time, tokens/s, peak memory
+#   bash benchmarks/gpu_check.sh all                # conditioning, the CUDA engine tests, SmolLM2's engine
+#                                                   # (about 6 minutes in all; each stage has its timeout)
 #
 # Results go to $OUT (the device tool's folder) or benchmarks/results/latest: logs, one JSON per
 # model, and the printed tables. Random weights with the real shapes (the weights do not travel).
@@ -21,7 +25,7 @@ stage=${1:-}
 shift || true
 case "$stage" in
 tests)
-    timeout 300 python3 -m pytest --noconftest -q -s -p no:cacheprovider tests/test_engine_cuda.py 2>&1 |
+    timeout 200 python3 -m pytest --noconftest -q -s -p no:cacheprovider tests/test_engine_cuda.py 2>&1 |
         tee "$out/cuda_tests.log" | grep -v '^W[0-9]' | tail -25
     ;;
 head)
@@ -35,8 +39,20 @@ engine)
 print(table(json.load(open(sys.argv[1]))))" "$out/$model.json" 2>/dev/null | tee "$out/$model.txt"
     done
     ;;
+conditioning)
+    timeout 150 python3 -m pytest --noconftest -q -s -p no:cacheprovider tests/test_conditioning_cuda.py 2>&1 |
+        tee "$out/conditioning_tests.log" | grep -v '^W[0-9]' | tail -15
+    timeout 150 python3 benchmarks/conditioning.py speed --random-weights --device cuda --x-bytes 1000000 \
+        --json "$out/conditioning_speed.json" 2>&1 | tee "$out/conditioning_speed.txt" | grep -v "it/s" | tail -12
+    ;;
+all)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+    bash "$0" conditioning
+    bash "$0" tests
+    bash "$0" engine smollm2-135m
+    ;;
 *)
-    echo "usage: bash benchmarks/gpu_check.sh tests | head | engine [MODEL...]" >&2
+    echo "usage: bash benchmarks/gpu_check.sh tests | head | engine [MODEL...] | conditioning | all" >&2
     exit 2
     ;;
 esac
