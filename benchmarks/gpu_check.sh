@@ -12,7 +12,12 @@
 # Results go to $OUT (the device tool's folder) or benchmarks/results/latest: logs, one JSON per
 # model, and the printed tables. Random weights with the real shapes (the weights do not travel).
 # Wheels carried in .whl/ (e.g. the transformers version the CPU tests use; that machine has no
-# registry) are installed to /tmp/site first and put ahead of the image's packages.
+# registry) are installed to /tmp/site first and put ahead of the image's packages. Build .whl/ here
+# (the image's python3 is 3.12 and lacks pydantic, pydantic-settings and zstandard), then run with
+# carry [".whl"]:
+#   pip download -d .whl --no-deps --python-version 3.12 --only-binary=:all: --implementation cp \
+#     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 transformers==5.24.0 pydantic \
+#     pydantic-core pydantic-settings python-dotenv typing-inspection annotated-types zstandard
 set -u
 out=${OUT:-benchmarks/results/latest}
 mkdir -p "$out"
