@@ -36,19 +36,29 @@ class Gatekeeper:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
-        status_holder = {"status": 500}
+        status: int | None = None  # the status sent; none sent and the client gone: 499 (client closed)
+        client_gone = False
+
+        async def receive_wrapper() -> Message:
+            nonlocal client_gone
+            message = await receive()
+            if message["type"] == "http.disconnect" and status is None:
+                client_gone = True
+            return message
 
         async def send_wrapper(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
-                status_holder["status"] = message["status"]
+                status = message["status"]
             await send(message)
 
         try:
-            await self._handle(scope, receive, send_wrapper)
+            await self._handle(scope, receive_wrapper, send_wrapper)
         finally:
             route = scope.get("route")
             name = getattr(route, "path", None) or scope.get(ROUTE_KEY, "unmatched")
-            self.metrics.requests.labels(name, str(status_holder["status"])).inc()
+            label = "499" if client_gone else str(status or 500)
+            self.metrics.requests.labels(name, label).inc()
             self.metrics.latency.labels(name).observe(time.perf_counter() - started)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
