@@ -35,6 +35,8 @@ class Gatekeeper:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if scope["method"] == "HEAD":  # answered as GET, without the body (RFC 9110 9.3.2)
+            scope, send = {**scope, "method": "GET"}, _without_body(send)
         started = time.perf_counter()
         status: int | None = None  # the status sent; none sent and the client gone: 499 (client closed)
         client_gone = False
@@ -120,6 +122,15 @@ class Gatekeeper:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+def _without_body(send: Send) -> Send:
+    async def send_headers_only(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+
+    return send_headers_only
 
 
 async def _send_json(send: Send, body: bytes) -> None:

@@ -29,3 +29,54 @@ def test_client_that_leaves_mid_body_is_counted_499_not_500(base_url: str, http:
         time.sleep(0.05)
     assert _count(exposition, "499") == before + 1
     assert _count(exposition, "500") == 0
+
+
+def test_405_allow_lists_every_method_of_the_path(http: httpx.Client) -> None:
+    r = http.post("/v1/jobs/some-job")
+    assert r.status_code == 405
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert set(r.headers["allow"].replace(" ", "").split(",")) == {"GET", "HEAD", "DELETE"}
+    r = http.put("/healthz")
+    assert r.status_code == 405 and set(r.headers["allow"].replace(" ", "").split(",")) == {"GET", "HEAD"}
+
+
+def test_head_is_answered_like_get_without_a_body(http: httpx.Client) -> None:
+    for path in ("/healthz", "/readyz", "/v1/models", "/metrics"):
+        get, head = http.get(path), http.head(path)
+        assert head.status_code == get.status_code == 200, path
+        assert head.headers["content-type"] == get.headers["content-type"], path
+        assert head.content == b"", path
+    assert http.head("/v1/jobs/nope").status_code == 404
+
+
+def test_a_500_does_not_name_the_exception() -> None:
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from tests.conftest import fast_settings
+
+    app = create_app(fast_settings())
+
+    async def boom() -> None:
+        raise ValueError("secret internals")
+
+    app.add_api_route("/boom", boom)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.get("/boom")
+    assert r.status_code == 500 and r.headers["content-type"].startswith("application/problem+json")
+    assert "ValueError" not in r.text and "secret" not in r.text
+    assert r.json()["detail"]
+
+
+def test_plot_without_the_plot_extra_says_what_to_install(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    matrix = tmp_path / "m.csv"
+    matrix.write_text("ncd,a,b\na,0.1,0.9\nb,0.9,0.1\n")
+    hide = "import sys; sys.modules['matplotlib'] = None; sys.modules['scipy'] = None; from codelen.cli import main; "
+    code = hide + f"sys.exit(main(['plot', {str(matrix)!r}, '-o', {str(tmp_path / 'm.png')!r}]))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "pip install 'codelen[plot]'" in done.stderr
+    assert "Traceback" not in done.stderr
