@@ -44,6 +44,7 @@ class Settings(BaseSettings):
 
     # Request limits (enforced in both modes; 413/422 problem+json)
     max_body_bytes: int = 8 * 1024 * 1024
+    max_body_expansion_bytes: int = 128 * 1024 * 1024  # estimated size of a parsed JSON body (413 above)
     max_record_bytes: int = 1024 * 1024
     max_dataset_bytes: int = 4 * 1024 * 1024
     max_records: int = 10_000

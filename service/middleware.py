@@ -5,7 +5,6 @@ never reaches the queue."""
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 from codelen.metrics import Metrics
 from codelen.settings import Settings
 from service.fastpath import cached_score
+from service.json_body import PARSED, expansion_estimate, is_json, parse
 from service.problems import problem_body
 from service.ratelimit import bucket_for
 
@@ -98,19 +98,22 @@ class Gatekeeper:
             if not message.get("more_body", False):
                 break
         raw = b"".join(chunks)
-        if raw and "json" in headers.get("content-type", "application/json"):
+        if raw and is_json(headers.get("content-type")):
+            bound = self.settings.max_body_expansion_bytes
+            if (estimate := expansion_estimate(raw)) > bound:
+                detail = f"this body would take about {estimate >> 20} MiB once parsed; at most {bound >> 20} MiB"
+                return await _reply(send, 413, detail)
             try:
-                doc = json.loads(raw)
+                parsed = parse(raw)
             except RecursionError:
                 return await _reply(send, 422, "JSON nested too deeply")
-            except ValueError:
-                pass  # FastAPI reports malformed JSON as a 422 with its position
-            else:
-                if self.settings.score_fast_path and scope["path"] == "/v1/score" and scope["method"] == "POST":
-                    answer = await cached_score(scope["app"].state, doc)
-                    if answer is not None:
-                        scope[ROUTE_KEY] = "/v1/score"
-                        return await _send_json(send, answer)
+            scope[PARSED] = parsed  # the route takes this document (JSONBodyRoute): one parse per body
+            fast = self.settings.score_fast_path and scope["path"] == "/v1/score" and scope["method"] == "POST"
+            if fast and parsed.error is None:
+                answer = await cached_score(scope["app"].state, parsed.doc)
+                if answer is not None:
+                    scope[ROUTE_KEY] = "/v1/score"
+                    return await _send_json(send, answer)
 
         delivered = False
 

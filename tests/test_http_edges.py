@@ -80,3 +80,61 @@ def test_plot_without_the_plot_extra_says_what_to_install(tmp_path) -> None:
     assert done.returncode != 0
     assert "pip install 'codelen[plot]'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def _body_of(n_items: int, item: bytes) -> bytes:
+    return b"[" + b",".join([item] * n_items) + b"]"
+
+
+def test_bodies_that_would_expand_in_memory_are_413_before_parsing(http: httpx.Client) -> None:
+    for item in (b"{}", b"[]"):
+        raw = _body_of(2_800_000, item)  # 8.4 MB: millions of objects once parsed
+        assert len(raw) < 8 * 1024 * 1024 + 512 * 1024
+        r = http.post("/v1/score", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 413, (item, r.status_code, r.text[:200])
+        assert r.headers["content-type"].startswith("application/problem+json")
+    big = {"x": ["a" * 1_000_000] * 3, "y": ["b" * 1_000_000] * 3, "model": "gzip"}  # large, but flat
+    assert http.post("/v1/score", json=big).status_code == 200
+
+
+def test_expansion_estimate_is_not_fooled_by_brackets_inside_strings() -> None:
+    from service.json_body import expansion_estimate
+
+    text = b'{"x": "' + b"{[" * 2_000_000 + b'", "y": "b"}'
+    assert expansion_estimate(text) < 20 * 1024 * 1024
+    assert expansion_estimate(_body_of(1_000_000, b"{}")) > 80 * 1_000_000
+
+
+def test_each_body_is_parsed_once(monkeypatch) -> None:
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from tests.conftest import fast_settings
+
+    raw = json.dumps({"x": "parsed once?", "y": "only once", "model": "gzip"}).encode()
+    calls: list[bytes] = []
+    loads = json.loads
+
+    def counting_loads(s, *args, **kwargs):
+        if s == raw:
+            calls.append(s)
+        return loads(s, *args, **kwargs)
+
+    with TestClient(create_app(fast_settings(score_fast_path=False))) as client:
+        monkeypatch.setattr(json, "loads", counting_loads)
+        r = client.post("/v1/score", content=raw, headers={"content-type": "application/json"})
+        monkeypatch.undo()
+    assert r.status_code == 200, r.text
+    assert len(calls) == 1
+
+
+def test_malformed_json_is_400_and_other_media_types_415(http: httpx.Client) -> None:
+    for raw in (b'{"x": "a", "y": ', b'{"x": "\xff\xfe", "y": "b"}'):
+        r = http.post("/v1/score", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.headers["content-type"].startswith("application/problem+json"), r.text
+    r = http.post("/v1/score", content=b"x=a&y=b", headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 415 and r.headers["content-type"].startswith("application/problem+json"), r.text
+    r = http.post("/v1/jobs", content=b"x", headers={"content-type": "text/plain"})
+    assert r.status_code == 415
