@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     # Request limits (enforced in both modes; 413/422 problem+json)
     max_body_bytes: int = 8 * 1024 * 1024
     max_body_expansion_bytes: int = 128 * 1024 * 1024  # estimated size of a parsed JSON body (413 above)
+    # HTTP (service/http_limits.py): a slow or huge request is refused with 408 or 431 and closed
+    header_timeout_s: float = 10.0  # the request line and headers, from the connection or the request's first byte
+    body_timeout_s: float = 60.0  # the whole body, from the end of the headers
+    max_header_bytes: int = 64 * 1024  # request line and headers together
     max_record_bytes: int = 1024 * 1024
     max_dataset_bytes: int = 4 * 1024 * 1024
     max_records: int = 10_000

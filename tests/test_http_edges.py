@@ -5,9 +5,13 @@ from __future__ import annotations
 import re
 import socket
 import time
+from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import httpx
+import pytest
+
+from tests.conftest import fast_settings, serve
 
 
 def _connect(base_url: str) -> socket.socket:
@@ -138,3 +142,60 @@ def test_malformed_json_is_400_and_other_media_types_415(http: httpx.Client) -> 
     assert r.status_code == 415 and r.headers["content-type"].startswith("application/problem+json"), r.text
     r = http.post("/v1/jobs", content=b"x", headers={"content-type": "text/plain"})
     assert r.status_code == 415
+
+
+@pytest.fixture(scope="module")
+def strict_url() -> Iterator[str]:
+    """A server with short read timeouts, so that a slow client is cut off while the test waits."""
+    with serve(fast_settings(header_timeout_s=0.5, body_timeout_s=0.5, max_header_bytes=16 * 1024)) as url:
+        yield url
+
+
+def _read_all(s: socket.socket) -> bytes:
+    out = b""
+    try:
+        while chunk := s.recv(65536):
+            out += chunk
+    except ConnectionResetError:
+        pass
+    return out
+
+
+def test_slow_headers_get_408_and_a_close(strict_url: str) -> None:
+    with _connect(strict_url) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        answer = _read_all(s)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
+    assert b"application/problem+json" in answer
+
+
+def test_a_connection_that_sends_nothing_is_closed(strict_url: str) -> None:
+    with _connect(strict_url) as s:
+        assert _read_all(s) == b""
+
+
+def test_slow_body_gets_408_and_a_close(strict_url: str) -> None:
+    with _connect(strict_url) as s:
+        s.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        answer = _read_all(s)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
+
+
+@pytest.mark.parametrize("size", [20 * 1024, 4 * 1024 * 1024])
+def test_headers_over_the_limit_get_431_and_a_close(strict_url: str, size: int) -> None:
+    with _connect(strict_url) as s:
+        head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * size + b"\r\n\r\n"
+        try:
+            s.sendall(head)
+        except OSError:
+            pass  # the server closed before reading it all: that is the point
+        answer = _read_all(s)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
+
+
+def test_requests_within_the_limits_still_work_on_a_kept_alive_connection(strict_url: str) -> None:
+    with httpx.Client(base_url=strict_url, timeout=30) as client:
+        for _ in range(3):
+            r = client.post("/v1/score", json={"x": "a", "y": "b", "model": "gzip"}, headers={"X-Pad": "p" * 8000})
+            assert r.status_code == 200
+            assert client.get("/healthz").status_code == 200
