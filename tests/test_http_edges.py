@@ -199,3 +199,22 @@ def test_requests_within_the_limits_still_work_on_a_kept_alive_connection(strict
             r = client.post("/v1/score", json={"x": "a", "y": "b", "model": "gzip"}, headers={"X-Pad": "p" * 8000})
             assert r.status_code == 200
             assert client.get("/healthz").status_code == 200
+
+
+def test_openapi_documents_what_the_service_sends() -> None:
+    from service.app import create_app
+
+    doc = create_app(fast_settings(api_keys="ab" * 32, rate_limit_per_s=1.0)).openapi()
+    paths = doc["paths"]
+    assert doc["components"]["securitySchemes"]["bearer"] == {
+        "type": "http", "scheme": "bearer", "description": "an API key, when CODELEN_API_KEYS is set"
+    }  # fmt: skip
+    score = paths["/v1/score"]["post"]
+    assert score["security"] == [{"bearer": []}]
+    for status in ("400", "401", "413", "415", "422", "429", "503"):
+        assert "application/problem+json" in score["responses"][status]["content"], status
+    assert "application/problem+json" in paths["/v1/jobs/{job_id}"]["get"]["responses"]["422"]["content"]
+    assert "application/json" not in paths["/v1/jobs/{job_id}"]["get"]["responses"]["422"]["content"]
+    assert "503" in paths["/readyz"]["get"]["responses"]
+    assert list(paths["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
+    assert "security" not in paths["/healthz"]["get"] and "401" not in paths["/healthz"]["get"]["responses"]
