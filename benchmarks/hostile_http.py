@@ -278,7 +278,7 @@ def main() -> int:
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cores": os.cpu_count(),
         "load_avg_before": os.getloadavg(),
-        "limits": "defaults: headers 10 s, body 60 s, 64 KiB of headers, 8 MiB body, 128 MiB parsed",
+        "limits": "defaults: headers 10 s, body 60 s, 64 KiB of headers, 8 MiB body, 64 MiB parsed",
     }))  # fmt: skip
     modes = ["embedded", "distributed"] if args.mode == "both" else [args.mode]
     bad = False

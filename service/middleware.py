@@ -100,7 +100,7 @@ class Gatekeeper:
         raw = b"".join(chunks)
         if raw and is_json(headers.get("content-type")):
             bound = self.settings.max_body_expansion_bytes
-            if (estimate := expansion_estimate(raw)) > bound:
+            if (estimate := expansion_estimate(raw, bound)) > bound:
                 detail = f"this body would take about {estimate >> 20} MiB once parsed; at most {bound >> 20} MiB"
                 return await _reply(send, 413, detail)
             try:
