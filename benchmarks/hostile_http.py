@@ -179,10 +179,11 @@ async def attack(port: int, pid: int, slow: int, slow_limit_s: float) -> list[di
     rows: list[dict[str, object]] = []
 
     async def run(name: str, coro) -> None:
-        before = rss_mb(pid)
+        before, started = rss_mb(pid), time.time()
         row = {"attack": name, **(await coro)}
         await asyncio.sleep(0.5)
         row.update(rss_before_mb=round(before, 1), rss_after_mb=round(rss_mb(pid), 1))
+        row.update(started_at=started, ended_at=time.time())
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -238,6 +239,13 @@ def service(mode: str, workdir: Path):
         yield port, proc.pid
 
 
+def _during(rows: list[dict[str, object]], t: float) -> str:
+    for row in rows:
+        if float(row["started_at"]) <= t <= float(row["ended_at"]):  # type: ignore[arg-type]
+            return str(row["attack"])
+    return "between attacks"
+
+
 def run_mode(mode: str, slow: int, slow_limit_s: float, workdir: Path) -> dict[str, object]:
     with service(mode, workdir) as (port, pid):
         probe_out = workdir / f"probe-{mode}.json"
@@ -259,6 +267,9 @@ def run_mode(mode: str, slow: int, slow_limit_s: float, workdir: Path) -> dict[s
         "healthz_p99_ms": round(1000 * ok[int(len(ok) * 0.99)], 2) if ok else None,
         "healthz_max_ms": round(1000 * ok[-1], 2) if ok else None,
         "over_100_ms": sum(1 for s in ok if s > 0.1),
+        "slow_probes": [  # each probe over 100 ms (or failed), and the attack running when it started
+            {"ms": round(1000 * s, 1), "during": _during(rows, t - max(s, 0))} for t, s in lat if s > 0.1 or s < 0
+        ],
         "attacks": rows,
     }
     print(json.dumps({k: v for k, v in summary.items() if k != "attacks"}), flush=True)

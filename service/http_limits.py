@@ -10,7 +10,9 @@ forever; and httptools buffers a header of any size. `LimitedHttpToolsProtocol` 
   a disconnect, counted as 499);
 - the headers (request line included) may be at most `max_header_bytes`, else 431 and close,
   checked as bytes arrive, so no more than one read (256 KiB) past the limit is ever buffered.
-`uvicorn_config` builds the uvicorn.Config `codelen serve` (and the tests' server) runs with.
+A refusal is written, then the write side shut (FIN) and the client's further bytes read and
+dropped for up to LINGER_S: closing at once with unread bytes would send a reset that destroys the
+answer. `uvicorn_config` builds the uvicorn.Config `codelen serve` (and the tests' server) runs with.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from codelen.settings import Settings
 
+LINGER_S = 2.0  # after a refusal, how long the client's further bytes are read and dropped
+
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(
@@ -35,6 +39,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._reading_headers = True  # between a request's first byte (or the connection) and its headers' end
         self._header_bytes = 0
         self._deadline: asyncio.TimerHandle | None = None
+        self._refused = False
+
+    def _done(self) -> bool:
+        return self._refused or self.transport.is_closing()
 
     def _arm(self, seconds: float) -> None:
         self._disarm()
@@ -54,8 +62,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # lingering after a refusal: read and drop, so the answer is not lost to a reset
         super().data_received(data)
-        if self._reading_headers and self.parser is not None and not self.transport.is_closing():
+        if self._reading_headers and self.parser is not None and not self._done():
             self._header_bytes += len(data)  # all of it is header: the parser has not reached their end
             if self._header_bytes > self.max_header_bytes:
                 self._refuse(431, f"request headers over {self.max_header_bytes} bytes")
@@ -76,17 +86,17 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
-        if not self.transport.is_closing():
+        if not self._done():
             super().on_body(body)
 
     def on_message_complete(self) -> None:
-        self._disarm()
-        if not self.transport.is_closing():
+        if not self._done():
+            self._disarm()
             super().on_message_complete()
 
     def _expired(self) -> None:
         self._deadline = None
-        if self.transport.is_closing():
+        if self._done():
             return
         if self._reading_headers:
             if self._header_bytes == 0 and (self.cycle is None or self.cycle.response_complete):
@@ -111,7 +121,16 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         body = problem_body(status, detail)
         head = b"content-type: application/problem+json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)
         self.transport.write(STATUS_LINE[status] + head + body)
-        self.transport.close()
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        # Closing now, with the client's unread bytes in the socket, would send a reset that can
+        # destroy the answer before the client reads it: send FIN, drop what still comes, close
+        # when the client does or after LINGER_S.
+        self._refused = True
+        self.transport.write_eof()
+        self.transport.resume_reading()  # uvicorn may have paused it (a large body): drop, don't leave unread
+        self._deadline = self.loop.call_later(LINGER_S, self.transport.close)
 
 
 def uvicorn_config(app: Any, settings: Settings, **kwargs: Any) -> uvicorn.Config:
