@@ -139,9 +139,9 @@ class RedisStore:
     persistent = True
 
     def __init__(self, url: str, ttl_s: int, job_ttl_s: int = 7 * 24 * 3600) -> None:
-        import redis.asyncio as redis
+        from workers.redis_state import connect
 
-        self._redis = redis.from_url(url)
+        self._redis = connect(url)  # the retrying client the backend uses: rides over a Redis restart
         self._ttl = ttl_s
         self._job_ttl = job_ttl_s
 

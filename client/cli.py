@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import importlib.util
 import json
 import sys
 import time
@@ -217,6 +218,10 @@ def matrix(args: argparse.Namespace) -> int:
 
 
 def plot(args: argparse.Namespace) -> int:
+    missing = [m for m in ("matplotlib", "scipy") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"codelen plot needs {' and '.join(missing)}: pip install 'codelen[plot]'", file=sys.stderr)
+        return 2
     from client import matrix as matrices
     from client.plot import plot as draw
 

@@ -15,7 +15,7 @@ from classify.store import store_for
 from codelen.metrics import Metrics
 from codelen.settings import Settings, get_settings
 from models.registry import Registry
-from service import problems
+from service import openapi, problems
 from service.middleware import Gatekeeper
 from service.routes import classifiers, jobs, scores, system
 from workers.backend import Backend
@@ -62,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (scores, jobs, classifiers, system):
         app.include_router(module.router)
     app.add_middleware(Gatekeeper, settings=settings, metrics=metrics)
+    openapi.install(app, settings)
     return app
 
 

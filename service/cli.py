@@ -17,8 +17,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from codelen.settings import get_settings
     from service.app import create_app
+    from service.http_limits import uvicorn_config
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    settings = get_settings()
+    config = uvicorn_config(
+        create_app(settings), settings, host=args.host, port=args.port, log_level=args.log_level, access_log=False
+    )
+    uvicorn.Server(config).run()
     return 0

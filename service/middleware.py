@@ -5,7 +5,6 @@ never reaches the queue."""
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 from codelen.metrics import Metrics
 from codelen.settings import Settings
 from service.fastpath import cached_score
+from service.json_body import PARSED, expansion_estimate, is_json, parse
 from service.problems import problem_body
 from service.ratelimit import bucket_for
 
@@ -35,20 +35,32 @@ class Gatekeeper:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if scope["method"] == "HEAD":  # answered as GET, without the body (RFC 9110 9.3.2)
+            scope, send = {**scope, "method": "GET"}, _without_body(send)
         started = time.perf_counter()
-        status_holder = {"status": 500}
+        status: int | None = None  # the status sent; none sent and the client gone: 499 (client closed)
+        client_gone = False
+
+        async def receive_wrapper() -> Message:
+            nonlocal client_gone
+            message = await receive()
+            if message["type"] == "http.disconnect" and status is None:
+                client_gone = True
+            return message
 
         async def send_wrapper(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
-                status_holder["status"] = message["status"]
+                status = message["status"]
             await send(message)
 
         try:
-            await self._handle(scope, receive, send_wrapper)
+            await self._handle(scope, receive_wrapper, send_wrapper)
         finally:
             route = scope.get("route")
             name = getattr(route, "path", None) or scope.get(ROUTE_KEY, "unmatched")
-            self.metrics.requests.labels(name, str(status_holder["status"])).inc()
+            label = "499" if client_gone else str(status or 500)
+            self.metrics.requests.labels(name, label).inc()
             self.metrics.latency.labels(name).observe(time.perf_counter() - started)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -86,19 +98,22 @@ class Gatekeeper:
             if not message.get("more_body", False):
                 break
         raw = b"".join(chunks)
-        if raw and "json" in headers.get("content-type", "application/json"):
+        if raw and is_json(headers.get("content-type")):
+            bound = self.settings.max_body_expansion_bytes
+            if (estimate := expansion_estimate(raw, bound)) > bound:
+                detail = f"this body would take about {estimate >> 20} MiB once parsed; at most {bound >> 20} MiB"
+                return await _reply(send, 413, detail)
             try:
-                doc = json.loads(raw)
+                parsed = parse(raw)
             except RecursionError:
                 return await _reply(send, 422, "JSON nested too deeply")
-            except ValueError:
-                pass  # FastAPI reports malformed JSON as a 422 with its position
-            else:
-                if self.settings.score_fast_path and scope["path"] == "/v1/score" and scope["method"] == "POST":
-                    answer = await cached_score(scope["app"].state, doc)
-                    if answer is not None:
-                        scope[ROUTE_KEY] = "/v1/score"
-                        return await _send_json(send, answer)
+            scope[PARSED] = parsed  # the route takes this document (JSONBodyRoute): one parse per body
+            fast = self.settings.score_fast_path and scope["path"] == "/v1/score" and scope["method"] == "POST"
+            if fast and parsed.error is None:
+                answer = await cached_score(scope["app"].state, parsed.doc)
+                if answer is not None:
+                    scope[ROUTE_KEY] = "/v1/score"
+                    return await _send_json(send, answer)
 
         delivered = False
 
@@ -110,6 +125,15 @@ class Gatekeeper:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+def _without_body(send: Send) -> Send:
+    async def send_headers_only(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+
+    return send_headers_only
 
 
 async def _send_json(send: Send, body: bytes) -> None:

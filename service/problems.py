@@ -7,8 +7,11 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 
 from models.protocol import UnsupportedMode
 from models.registry import ModelUnavailable
@@ -95,6 +98,14 @@ def install(app: FastAPI) -> None:
     async def _backend_unavailable(request: Request, exc: Unavailable) -> Response:
         return problem_response(503, str(exc), {"Retry-After": str(request.app.state.settings.retry_after_s)})
 
+    @app.exception_handler(RedisConnectionError)
+    @app.exception_handler(RedisTimeoutError)
+    async def _redis_down(request: Request, exc: Exception) -> Response:
+        # e.g. the classifier store: its client retries, and past the retries the answer is "later", not 500
+        log.warning("Redis unreachable: %s", exc)
+        retry = str(request.app.state.settings.retry_after_s)
+        return problem_response(503, "Redis is unreachable; retry later", {"Retry-After": retry})
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> Response:
         errors = _validation_errors(exc)
@@ -102,10 +113,26 @@ def install(app: FastAPI) -> None:
         return problem_response(422, detail, errors=errors)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
-        return problem_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:  # Starlette names only the first route's methods; a path has several
+            headers["Allow"] = ", ".join(allowed_methods(request))
+        return problem_response(exc.status_code, str(exc.detail), headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> Response:
-        log.exception("unhandled error")
-        return problem_response(500, f"internal error ({type(exc).__name__}); the request can be retried")
+        log.exception("unhandled error")  # the log names the exception; the client learns nothing internal
+        return problem_response(500, "internal error; the request can be retried")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the request's path answers (HEAD wherever GET is: the gate answers it)."""
+    routes = request.app.router.routes
+    methods = set()
+    for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] == Match.FULL for route in routes):
+            methods.add(method)
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)

@@ -14,6 +14,7 @@ import uvicorn
 
 from codelen.settings import Settings
 from service.app import create_app
+from service.http_limits import uvicorn_config
 
 FAST_MODELS = "tiny-random,gzip,zlib,bz2,lzma,zstd"
 
@@ -28,7 +29,7 @@ def free_port() -> int:
 def serve(settings: Settings) -> Iterator[str]:
     """Run the app on a free port in a background thread; yield its base URL."""
     port = free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    config = uvicorn_config(create_app(settings), settings, host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

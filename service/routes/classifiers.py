@@ -7,9 +7,10 @@ from fastapi.responses import JSONResponse
 
 from classify.schemas import ClassifierInfo, ClassifierRequest, PredictionJob, PredictRequest, PredictResponse
 from classify.serving import ClassifierService, Invalid, NotFound, TooLarge, UnknownModel, public
+from service.json_body import JSONBodyRoute
 from service.problems import Problem, problem_schema
 
-router = APIRouter(tags=["classifiers"])
+router = APIRouter(tags=["classifiers"], route_class=JSONBodyRoute)
 
 
 def _service(request: Request) -> ClassifierService:

@@ -10,11 +10,12 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from service.deps import backend_of, dataset, model_id, settings_of
+from service.json_body import JSONBodyRoute
 from service.problems import Problem, problem_schema
 from service.schemas import JobRequest, JobStatus
 from workers.jobs import JobConflict, JobSpec, Overloaded, PairSpec, matrix_pairs
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(tags=["jobs"], route_class=JSONBodyRoute)
 
 
 def _spec(request: Request, body: JobRequest, raw: bytes) -> JobSpec:

@@ -7,12 +7,13 @@ from fastapi.responses import JSONResponse
 
 from codelen.scores import score_document
 from service.deps import backend_of, dataset, model_id, settings_of
+from service.json_body import JSONBodyRoute
 from service.problems import Problem, problem_schema
 from service.schemas import JobStatus, ScoreRequest, ScoreResponse
 from workers.embedded import TaskFailed
 from workers.jobs import Overloaded
 
-router = APIRouter(tags=["scores"])
+router = APIRouter(tags=["scores"], route_class=JSONBodyRoute)
 
 
 @router.post(
