@@ -240,8 +240,11 @@ class EmbeddedBackend:
     async def lookup(self, model_id: str, x: Dataset, y: Dataset) -> PairLengths | None:
         """The pair's four code lengths if all are cached, else None; never queues work."""
         info = await self.model_info(model_id)
-        cached = self.engine.lookup(info, pair_tasks(model_id, x.sha256, y.sha256))
-        return None if cached is None else PairLengths(*cached.values())
+        tasks = pair_tasks(model_id, x.sha256, y.sha256)
+        cached = self.engine.lookup(info, tasks)
+        # by task, in task order: when X and Y are the same dataset, C(X) = C(Y) and C(Y|X) = C(X|Y)
+        # are one task each, so the mapping holds two values for the pair's four
+        return None if cached is None else PairLengths(*(cached[t] for t in tasks))
 
     async def score(
         self, model_id: str, x: Dataset, y: Dataset, wait_s: float

@@ -1,0 +1,70 @@
+"""What a fuzzer found in jobs and their state (issue 16), in both modes with classical models:
+NCD(x, x), ids that are not ours in key names, memory of finished jobs, requests that can never
+fit the queue."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests import redis_support
+from tests.conftest import fast_settings, serve
+from tests.redis_support import distributed_settings, start_worker, wait_published
+
+redis_server, redis_url, workers = redis_support.redis_server, redis_support.redis_url, redis_support.workers
+
+TEXT = "The river flooded the valley after a week of heavy rain; farmers moved their cattle uphill. " * 3
+
+
+def assert_self_pair(doc: dict) -> None:
+    """NCD(x, x) per MISSION.md: C(X·X) = C(X) + C(X|X), the shared information C(X) − C(X|X)."""
+    cl, cond = doc["code_lengths"], doc["conditional"]
+    assert cl["x"] == cl["y"] > 0 and cl["xy"] == cl["yx"]
+    assert cond["y_given_x"] == cond["x_given_y"] < cl["x"] / 2  # zstd finds the copy
+    assert doc["shared_information"] == pytest.approx(cl["x"] - cond["y_given_x"])
+    assert doc["ncd"] == pytest.approx(cond["y_given_x"] / cl["x"]) and abs(doc["ncd"]) < 0.1  # zstd: about 0
+
+
+def check_score_with_itself(http: httpx.Client) -> None:
+    body = {"x": TEXT, "y": TEXT, "model": "zstd"}
+    first = http.post("/v1/score", json=body)
+    assert first.status_code == 200, first.text
+    assert_self_pair(first.json())
+    for _ in range(2):  # now all cached: the fast path and the route build the pair from the cache
+        again = http.post("/v1/score", json=body)
+        assert again.status_code == 200, again.text
+        assert again.json()["cached"] is True
+        assert_self_pair(again.json())
+        assert again.json()["code_lengths"] == first.json()["code_lengths"]
+    job = http.post("/v1/jobs", json={"model": "zstd", "pairs": [{"id": "same", "x": TEXT, "y": TEXT}]})
+    assert job.status_code == 202, job.text
+    job_id = job.json()["id"]
+    for _ in range(600):
+        doc = http.get(f"/v1/jobs/{job_id}/results").json()
+        if doc["status"] not in ("queued", "running"):
+            break
+        time.sleep(0.05)
+    assert doc["status"] == "succeeded", doc
+    [row] = doc["results"]
+    assert_self_pair(row)
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_score_of_a_dataset_with_itself_embedded(fast_path: bool) -> None:
+    with serve(fast_settings(score_fast_path=fast_path)) as url, httpx.Client(base_url=url, timeout=60) as http:
+        check_score_with_itself(http)
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_score_of_a_dataset_with_itself_distributed(
+    fast_path: bool, redis_url: str, workers: list, tmp_path: Path
+) -> None:
+    workers.append(start_worker(redis_url, "zstd", tmp_path, "w"))
+    wait_published(redis_url, ["zstd"])
+    settings = distributed_settings(redis_url, score_fast_path=fast_path)
+    with serve(settings) as url, httpx.Client(base_url=url, timeout=60) as http:
+        check_score_with_itself(http)
