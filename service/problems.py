@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from codelen.keys import UnknownId
 from models.registry import ModelUnavailable
 from workers.jobs import Unavailable
 
@@ -81,6 +82,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(_: Request, exc: Problem) -> Response:
         return problem_response(exc.status, exc.detail, exc.headers, **exc.extra)
+
+    @app.exception_handler(UnknownId)
+    async def _unknown_id(_: Request, exc: UnknownId) -> Response:
+        return problem_response(404, str(exc))
 
     @app.exception_handler(ModelUnavailable)
     async def _unavailable(_: Request, exc: ModelUnavailable) -> Response:

@@ -68,3 +68,52 @@ def test_score_of_a_dataset_with_itself_distributed(
     settings = distributed_settings(redis_url, score_fast_path=fast_path)
     with serve(settings) as url, httpx.Client(base_url=url, timeout=60) as http:
         check_score_with_itself(http)
+
+
+# -- ids from the URL never become part of a Redis key name -------------------------------------
+
+
+def hostile_ids(real: str) -> list[str]:
+    """Ids a client may send: another key of the same job, glob characters, an encoded slash,
+    spaces, a very long one. Each names nothing."""
+    return [
+        f"{real}:pairs", f"{real}:values", f"{real}:waiting", f"{real}:remaining", f"{real}*", "*", "job_*",
+        f"{real}%2Fx", f"{real} ", "job with spaces", real + "0" * 5000, real.upper(), "job_" + "g" * 32,
+    ]  # fmt: skip
+
+
+def assert_not_found(r: httpx.Response, where: str) -> None:
+    assert r.status_code == 404, (where, r.status_code, r.text[:300])
+    assert r.headers["content-type"] == "application/problem+json", where
+
+
+@pytest.mark.redis
+def test_ids_that_are_not_ours_answer_404_distributed(redis_url: str, workers: list, tmp_path: Path) -> None:
+    workers.append(start_worker(redis_url, "zstd", tmp_path, "w"))
+    wait_published(redis_url, ["zstd"])
+    with serve(distributed_settings(redis_url)) as url, httpx.Client(base_url=url, timeout=60) as http:
+        job = http.post("/v1/jobs", json={"model": "zstd", "pairs": [{"id": "a", "x": TEXT, "y": "other"}]}).json()
+        real = job["id"]
+        for bad in hostile_ids(real):
+            assert_not_found(http.get(f"/v1/jobs/{bad}"), f"GET {bad[:80]}")
+            assert_not_found(http.get(f"/v1/jobs/{bad}/results"), f"GET results {bad[:80]}")
+            assert_not_found(http.delete(f"/v1/jobs/{bad}"), f"DELETE {bad[:80]}")
+        assert http.get(f"/v1/jobs/{real}").status_code == 200  # the real job is untouched
+        examples = [{"text": t, "label": t.split()[0]} for t in ("apples are red", "bananas are yellow")]
+        cid = http.post("/v1/classifiers", json={"model": "zstd", "method": "conditional", "examples": examples})
+        assert cid.status_code == 201, cid.text
+        cid = cid.json()["id"]
+        pred = http.post(f"/v1/classifiers/{cid}/predictions", json={"texts": ["red apples"]}).json()["id"]
+        for bad in [f"{pred}:texts", f"{pred}:results", f"{pred}:claim", f"{pred}*", pred + "0" * 5000, "a b"]:
+            assert_not_found(http.get(f"/v1/classifiers/{cid}/predictions/{bad}"), f"prediction {bad[:80]}")
+        for bad in ["c:x", "*", "c lf", "c" * 5000]:
+            assert_not_found(http.get(f"/v1/classifiers/{bad}"), f"classifier {bad[:80]}")
+        assert http.get(f"/v1/classifiers/{cid}/predictions/{pred}").status_code == 200
+
+
+def test_ids_that_are_not_ours_answer_404_embedded() -> None:
+    with serve(fast_settings()) as url, httpx.Client(base_url=url, timeout=60) as http:
+        real = http.post("/v1/jobs", json={"model": "zstd", "pairs": [{"id": "a", "x": TEXT, "y": "b"}]}).json()["id"]
+        for bad in hostile_ids(real):
+            assert_not_found(http.get(f"/v1/jobs/{bad}"), f"GET {bad[:80]}")
+            assert_not_found(http.delete(f"/v1/jobs/{bad}"), f"DELETE {bad[:80]}")

@@ -124,6 +124,8 @@ def parse_entry(entry_id: str, fields: dict[str, str]) -> Entry:
     hx, hy = fields["hx"], fields.get("hy") or None
     if len(hx) != 64 or (hy is not None and len(hy) != 64):
         raise ValueError(f"bad sha256 in {fields}")
+    if not keys.is_job_id(fields["job"]):
+        raise ValueError(f"bad job id in {fields}")
     task = Task(fields["model"], hx, hy)
     return Entry(entry_id, fields["job"], fields["ns"], task, int(fields.get("bytes", 0)))
 
