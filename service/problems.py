@@ -12,7 +12,7 @@ from starlette.responses import Response
 
 from codelen.keys import UnknownId
 from models.registry import ModelUnavailable
-from workers.jobs import Unavailable
+from workers.jobs import TooLarge, Unavailable
 
 log = logging.getLogger("codelen.service")
 
@@ -86,6 +86,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(UnknownId)
     async def _unknown_id(_: Request, exc: UnknownId) -> Response:
         return problem_response(404, str(exc))
+
+    @app.exception_handler(TooLarge)
+    async def _too_large(_: Request, exc: TooLarge) -> Response:
+        return problem_response(413, str(exc))
 
     @app.exception_handler(ModelUnavailable)
     async def _unavailable(_: Request, exc: ModelUnavailable) -> Response:

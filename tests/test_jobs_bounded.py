@@ -10,9 +10,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from client.api import Client, CodelenError, RetryPolicy
+from codelen.settings import Settings
 from tests import redis_support
 from tests.conftest import fast_settings, serve
 from tests.redis_support import distributed_settings, start_worker, wait_published
+from workers.compute import pair_tasks
 
 redis_server, redis_url, workers = redis_support.redis_server, redis_support.redis_url, redis_support.workers
 
@@ -117,3 +120,43 @@ def test_ids_that_are_not_ours_answer_404_embedded() -> None:
         for bad in hostile_ids(real):
             assert_not_found(http.get(f"/v1/jobs/{bad}"), f"GET {bad[:80]}")
             assert_not_found(http.delete(f"/v1/jobs/{bad}"), f"DELETE {bad[:80]}")
+
+
+# -- a request that can never fit the queue: 413 at once ---------------------------------------
+
+
+def test_the_documented_maximum_fits_the_default_queue() -> None:
+    """A matrix of max_matrix_datasets needs C(X) of each dataset and C(Y|X) of every ordered pair
+    (the diagonal included): it must fit max_queue_items, and the stream's backstop above that."""
+    s = Settings.model_construct()  # the defaults, whatever the environment says
+    n = s.max_matrix_datasets
+    tasks = {t for i in range(n) for j in range(i, n) for t in pair_tasks("zstd", f"{i:064x}", f"{j:064x}")}
+    assert len(tasks) == n + n * n == 250_500
+    assert len(tasks) <= s.max_queue_items < s.stream_max_len
+    pairs = {t for i in range(s.max_pairs) for t in pair_tasks("zstd", f"{i:064x}", f"{i + s.max_pairs:064x}")}
+    assert len(pairs) <= s.max_queue_items
+
+
+@pytest.mark.redis
+def test_a_request_that_can_never_fit_the_queue_gets_413(redis_url: str, workers: list, tmp_path: Path) -> None:
+    workers.append(start_worker(redis_url, "zstd", tmp_path, "publisher"))
+    wait_published(redis_url, ["zstd"])
+    workers.pop().stop()  # no worker: what is queued stays queued
+    settings = distributed_settings(redis_url, max_queue_items=10, retry_after_s=1)
+    with serve(settings) as url, httpx.Client(base_url=url, timeout=60) as http:
+        datasets = [{"id": f"d{i}", "data": f"dataset number {i} " * 3} for i in range(3)]  # 3 + 9 > 10 tasks
+        r = http.post("/v1/jobs", json={"model": "zstd", "matrix": {"datasets": datasets}})
+        assert r.status_code == 413 and r.headers["content-type"] == "application/problem+json", r.text
+        assert "12 code lengths" in r.json()["detail"] and "CODELEN_MAX_QUEUE_ITEMS" in r.json()["detail"]
+        assert "retry-after" not in r.headers
+        pairs = [{"id": f"p{i}", "x": f"x text {i}", "y": f"y text {i}"} for i in range(3)]  # 12 tasks
+        assert http.post("/v1/jobs", json={"model": "zstd", "pairs": pairs}).status_code == 413
+        fits = http.post("/v1/jobs", json={"model": "zstd", "pairs": pairs[:2]})  # 8 tasks: fits
+        assert fits.status_code == 202, fits.text
+        busy = http.post("/v1/jobs", json={"model": "zstd", "pairs": pairs[2:]})  # fits, but not now
+        assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
+        assert http.post("/v1/jobs", json={"model": "zstd", "matrix": {"datasets": datasets}}).status_code == 413
+        with Client(url, retry=RetryPolicy(retries=3)) as api:
+            with pytest.raises(CodelenError) as err:
+                api.submit_matrix({d["id"]: d["data"] for d in datasets}, model="zstd")
+            assert err.value.status == 413 and api.retries_made == 0  # the client does not retry a 413

@@ -38,6 +38,7 @@ from workers.jobs import (
     JobSpec,
     Overloaded,
     PairSpec,
+    TooLarge,
     Unavailable,
     matrix_document,
     new_job_id,
@@ -235,6 +236,11 @@ class RedisBackend:
                 if v is not None:
                     cached[tid] = v
         missing = [tid for tid in order if tid not in cached]
+        if len(missing) > s.max_queue_items:
+            raise TooLarge(
+                f"this request needs {len(missing)} code lengths computed; the queue holds at most "
+                f"{s.max_queue_items} (CODELEN_MAX_QUEUE_ITEMS): send it in parts"
+            )
         if missing:
             depth = await self._queue_depth()
             if depth + len(missing) > s.max_queue_items:
