@@ -188,7 +188,7 @@ class RedisBackend:
         if not await self.redis.set(idem, f"{job_id} {spec.fingerprint}", nx=True, ex=self.settings.job_ttl_s):
             return await self._existing(idem, spec)
         try:
-            return await self._create(spec, await self.model_info(spec.model), job_id)
+            return await self._create(spec, await self.model_info(spec.model), job_id, idem)
         except BaseException:
             await self.redis.delete(idem)  # nothing was created under this key
             raise
@@ -208,7 +208,9 @@ class RedisBackend:
             await asyncio.sleep(0.01)
         raise Unavailable("the job for this Idempotency-Key is still being created; retry")
 
-    async def _create(self, spec: JobSpec, info: ModelInfo, job_id: str | None = None) -> dict[str, object]:
+    async def _create(
+        self, spec: JobSpec, info: ModelInfo, job_id: str | None = None, idem: str | None = None
+    ) -> dict[str, object]:
         """Record the job, copy the cached values, enqueue the missing tasks: one transaction."""
         s = self.settings
         job_id = job_id or new_job_id()
@@ -273,6 +275,8 @@ class RedisBackend:
             record["finished_at"] = repr(now)
         if spec.matrix_ids:
             record["matrix_ids"] = json.dumps(spec.matrix_ids)
+        if idem:
+            record["idem"] = idem  # deleted with the job
         needed_shas = {sha for tid in missing for sha in tasks[tid].shas()}
 
         job_keys = keys.job_keys(job_id)
@@ -335,9 +339,18 @@ class RedisBackend:
 
     @redis_errors_unavailable
     async def cancel(self, job_id: str) -> dict[str, object] | None:
-        status = await self._cancel(keys=keys.job_keys(job_id), args=[repr(time.time()), self.settings.job_ttl_s])
+        """Cancel a queued or running job; delete a succeeded or failed one (its last state is returned)."""
+        record = await self.redis.hgetall(keys.job(job_id))
+        if not record:
+            return None
+        idem = [record["idem"]] if record.get("idem") else []
+        args = [repr(time.time()), self.settings.job_ttl_s]
+        status = await self._cancel(keys=[*keys.job_keys(job_id), *idem], args=args)
         if status is None:
             return None
         if status == "cancelled":
             self.metrics.jobs.labels("cancelled").inc()
+        if status in ("succeeded", "failed"):  # deleted: what it was
+            done = record["total"] if status == "succeeded" else record.get("done", "0")
+            return redis_state.job_state(record | {"status": status, "done": done}).public()
         return await self.job(job_id)
