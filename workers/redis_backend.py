@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
@@ -315,7 +315,8 @@ class RedisBackend:
         return redis_state.job_state(record).public() if record else None
 
     @redis_errors_unavailable
-    async def results(self, job_id: str) -> tuple[dict[str, object], list[dict], dict | None] | None:
+    async def results(self, job_id: str) -> tuple[dict[str, object], Iterator[dict], dict | None] | None:
+        """Rows built as they are read (the route streams them); a matrix built in a thread."""
         pipe = self.redis.pipeline(transaction=True)
         pipe.hgetall(keys.job(job_id))
         pipe.lrange(keys.job_pairs(job_id), 0, -1)
@@ -325,17 +326,21 @@ class RedisBackend:
             return None
         job = redis_state.job_state(record)
         info = redis_state.info_from_json(record["info"])
-        rows = []
-        for raw in pairs:
-            pair_id, hx, hy, nx, ny = json.loads(raw)
-            got = [values.get(redis_state.task_id(t)) for t in pair_tasks(job.model, hx, hy)]
-            if None in got:
-                continue
-            v = [float(b) for b in got]
-            pair = PairSpec(pair_id, Dataset("", hx, nx, 0), Dataset("", hy, ny, 0))
-            rows.append(pair_result(info, pair, PairLengths(v[0], v[1], v[2], v[3])))
-        matrix = matrix_document(job.matrix_ids, rows) if job.matrix_ids and job.status == "succeeded" else None
-        return job.public(), rows, matrix
+
+        def rows() -> Iterator[dict]:
+            for raw in pairs:
+                pair_id, hx, hy, nx, ny = json.loads(raw)
+                got = [values.get(redis_state.task_id(t)) for t in pair_tasks(job.model, hx, hy)]
+                if None in got:
+                    continue
+                v = [float(b) for b in got]
+                pair = PairSpec(pair_id, Dataset("", hx, nx, 0), Dataset("", hy, ny, 0))
+                yield pair_result(info, pair, PairLengths(v[0], v[1], v[2], v[3]))
+
+        matrix = None
+        if job.matrix_ids and job.status == "succeeded":
+            matrix = await asyncio.to_thread(matrix_document, job.matrix_ids, rows())
+        return job.public(), rows(), matrix
 
     @redis_errors_unavailable
     async def cancel(self, job_id: str) -> dict[str, object] | None:
