@@ -6,8 +6,36 @@ state (must never be evicted). See docs/RELIABILITY.md for the Redis memory poli
 
 from __future__ import annotations
 
+import re
+
 CACHE = "clc"
 QUEUE = "clq"
+
+
+class UnknownId(LookupError):
+    """An id that is not of the form this service issues: it names nothing (404), and it never
+    becomes part of a key name (a `:` or `*` in it would name, or match, another key)."""
+
+
+JOB_ID = re.compile(r"job_[0-9a-f]{32}")  # workers/jobs.py: new_job_id
+HEX_ID = re.compile(r"[0-9a-f]{32}")  # prediction jobs (uuid4().hex)
+# classifiers: the service issues uuid4().hex; any short name of these characters names nothing else
+NAME = re.compile(r"[0-9A-Za-z_-]{1,64}")
+DIGEST = re.compile(r"[0-9a-f]{64}")  # sha256 hex: datasets, Idempotency-Keys, API keys
+
+
+def _checked(value: str, form: re.Pattern[str], what: str) -> str:
+    if not (isinstance(value, str) and form.fullmatch(value)):
+        shown = value if len(value) <= 80 else value[:80] + "…"  # a long id is shown cut
+        raise UnknownId(f"no {what} {shown!r} (not an id this service issues)")
+    return value
+
+
+NO_JOB = "job_" + "0" * 32  # of the form, yet names no job (a uuid4 is never all zeros)
+
+
+def is_job_id(value: str) -> bool:
+    return JOB_ID.fullmatch(value) is not None
 
 
 def length(ns: str, hx: str) -> str:
@@ -22,7 +50,7 @@ def conditional(ns: str, hx: str, hy: str) -> str:
 
 def data(sha: str) -> str:
     """Canonical text of a dataset, kept while work on it is queued."""
-    return f"{QUEUE}:data:{sha}"
+    return f"{QUEUE}:data:{_checked(sha, DIGEST, 'dataset')}"
 
 
 def stream(model_id: str) -> str:
@@ -51,28 +79,28 @@ def item_error(entry_id: str) -> str:
 
 def job(job_id: str) -> str:
     """Hash: id, model, kind, status, total, done, error, created_at, finished_at, info, matrix_ids."""
-    return f"{QUEUE}:job:{job_id}"
+    return f"{QUEUE}:job:{_checked(job_id, JOB_ID, 'job')}"
 
 
 def job_pairs(job_id: str) -> str:
     """List, in pair order: JSON [pair id, sha x, sha y, bytes x, bytes y]."""
-    return f"{QUEUE}:job:{job_id}:pairs"
+    return f"{job(job_id)}:pairs"
 
 
 def job_values(job_id: str) -> str:
     """Hash: task id → bits, every code length the job's pairs need (copied from the cache or
     written by a worker), so results never depend on cache entries surviving eviction."""
-    return f"{QUEUE}:job:{job_id}:values"
+    return f"{job(job_id)}:values"
 
 
 def job_waiting(job_id: str) -> str:
     """Hash: task id → comma-separated indices of the pairs still waiting for it."""
-    return f"{QUEUE}:job:{job_id}:waiting"
+    return f"{job(job_id)}:waiting"
 
 
 def job_remaining(job_id: str) -> str:
     """Hash: pair index → number of its code lengths not computed yet; 0 = the pair is done."""
-    return f"{QUEUE}:job:{job_id}:remaining"
+    return f"{job(job_id)}:remaining"
 
 
 def job_keys(job_id: str) -> list[str]:
@@ -81,33 +109,33 @@ def job_keys(job_id: str) -> list[str]:
 
 
 def idempotency(key_digest: str) -> str:
-    return f"{QUEUE}:idem:{key_digest}"
+    return f"{QUEUE}:idem:{_checked(key_digest, DIGEST, 'key digest')}"
 
 
 def rate_limit(key_digest: str) -> str:
-    return f"{QUEUE}:rate:{key_digest}"
+    return f"{QUEUE}:rate:{_checked(key_digest, DIGEST, 'key digest')}"
 
 
 def classifier(classifier_id: str) -> str:
     """A classifier's definition (method, model, options, examples) as JSON; not evictable state."""
-    return f"{QUEUE}:clf:{classifier_id}"
+    return f"{QUEUE}:clf:{_checked(classifier_id, NAME, 'classifier')}"
 
 
 def classifier_prediction(job_id: str) -> str:
     """A prediction job of a classifier as JSON (status, progress, predictions when done); expires."""
-    return f"{QUEUE}:clfpred:{job_id}"
+    return f"{QUEUE}:clfpred:{_checked(job_id, HEX_ID, 'prediction job')}"
 
 
 def classifier_prediction_texts(job_id: str) -> str:
     """A prediction job's texts as one JSON list, written once at submit (what a resume reads)."""
-    return f"{QUEUE}:clfpred:{job_id}:texts"
+    return f"{classifier_prediction(job_id)}:texts"
 
 
 def classifier_prediction_results(job_id: str) -> str:
     """A prediction job's predictions so far: a list, one JSON prediction per text, in text order."""
-    return f"{QUEUE}:clfpred:{job_id}:results"
+    return f"{classifier_prediction(job_id)}:results"
 
 
 def classifier_prediction_claim(job_id: str) -> str:
     """Held (SET NX, expiring) by the API process that resumes a job whose process stopped."""
-    return f"{QUEUE}:clfpred:{job_id}:claim"
+    return f"{classifier_prediction(job_id)}:claim"

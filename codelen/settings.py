@@ -75,15 +75,20 @@ class Settings(BaseSettings):
     # Behaviour
     score_wait_s: float = 60.0  # /v1/score waits this long, then answers 202 with a job
     score_fast_path: bool = True  # answer cached /v1/score before routing (service/fastpath.py)
-    cache_max_entries: int = 1_000_000  # embedded cache bound (LRU)
+    cache_max_entries: int = 1_000_000  # embedded cache bound (LRU), with cache_max_bytes
+    cache_max_bytes: int = 64 << 20  # embedded cache bound in bytes (264 B a code length: 254k of them)
     cache_ttl_s: int = 30 * 24 * 3600  # Redis cache TTL
     job_ttl_s: int = 7 * 24 * 3600  # job records and results expire after this
     max_jobs: int = 10_000  # embedded: finished jobs kept (oldest dropped first)
-    max_queue_items: int = 200_000  # past this queue depth, new work gets 429
+    # embedded: bytes of job results kept (49 B a pair); past it the oldest finished jobs are dropped
+    max_job_result_bytes: int = 256 << 20
+    # Past this queue depth new work gets 429; a request needing more than this gets 413. A matrix
+    # of max_matrix_datasets (500) needs 250,500 code lengths (500 C(X), 500 x 500 C(Y|X)).
+    max_queue_items: int = 500_000
     retry_after_s: int = 5
 
     # Distributed mode (Redis queue, `codelen worker`); see docs/RELIABILITY.md
-    stream_max_len: int = 1_000_000  # XADD MAXLEN ~ backstop; keep well above max_queue_items
+    stream_max_len: int = 2_000_000  # XADD MAXLEN ~ backstop; keep well above max_queue_items
     dead_letter_max_len: int = 10_000  # dead-letter stream entries kept (MAXLEN ~)
     reclaim_idle_s: float = 60.0  # XAUTOCLAIM: an entry pending this long belongs to a dead worker
     reclaim_interval_s: float = 5.0  # how often a worker looks for such entries and trims the stream

@@ -13,9 +13,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.routing import Match
 
+from codelen.keys import UnknownId
 from models.protocol import UnsupportedMode
 from models.registry import ModelUnavailable
-from workers.jobs import Unavailable
+from workers.jobs import TooLarge, Unavailable
 
 log = logging.getLogger("codelen.service")
 
@@ -89,6 +90,14 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(UnsupportedMode)
     async def _unsupported_mode(_: Request, exc: UnsupportedMode) -> Response:
         return problem_response(422, f"/conditioning: {exc}", pointer="/conditioning")
+
+    @app.exception_handler(UnknownId)
+    async def _unknown_id(_: Request, exc: UnknownId) -> Response:
+        return problem_response(404, str(exc))
+
+    @app.exception_handler(TooLarge)
+    async def _too_large(_: Request, exc: TooLarge) -> Response:
+        return problem_response(413, str(exc))
 
     @app.exception_handler(ModelUnavailable)
     async def _unavailable(_: Request, exc: ModelUnavailable) -> Response:

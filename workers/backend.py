@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
 
 from codelen.datasets import Dataset
@@ -48,9 +49,13 @@ class Backend(Protocol):
 
     async def job(self, job_id: str) -> JobDoc | None: ...
 
-    async def results(self, job_id: str) -> tuple[JobDoc, list[dict], dict | None] | None:
+    async def results(self, job_id: str) -> tuple[JobDoc, Iterable[dict], dict | None] | None:
         """(job with its `conditioning_parameters`, finished results in pair order, matrix document
-        or None); None if unknown."""
+        or None); None if unknown. The results may be built as they are iterated (embedded: from
+        compact arrays)."""
         ...
 
-    async def cancel(self, job_id: str) -> JobDoc | None: ...
+    async def cancel(self, job_id: str) -> JobDoc | None:
+        """Cancel a queued or running job; delete a succeeded or failed one (its last state is
+        returned, then it is unknown: 404). None if unknown."""
+        ...

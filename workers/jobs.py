@@ -21,6 +21,11 @@ class Overloaded(RuntimeError):
     """The queue is past its configured depth; the client should retry later."""
 
 
+class TooLarge(ValueError):
+    """The request needs more queue room than the queue ever has: 413 at once, never a 429 to
+    retry forever."""
+
+
 @dataclass(frozen=True)
 class PairSpec:
     id: str

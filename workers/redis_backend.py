@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
@@ -38,6 +38,7 @@ from workers.jobs import (
     JobSpec,
     Overloaded,
     PairSpec,
+    TooLarge,
     Unavailable,
     matrix_document,
     new_job_id,
@@ -193,7 +194,7 @@ class RedisBackend:
         if not await self.redis.set(idem, f"{job_id} {spec.fingerprint}", nx=True, ex=self.settings.job_ttl_s):
             return await self._existing(idem, spec)
         try:
-            return await self._create(spec, await self.model_info(spec.model, spec.mode), job_id)
+            return await self._create(spec, await self.model_info(spec.model, spec.mode), job_id, idem)
         except BaseException:
             await self.redis.delete(idem)  # nothing was created under this key
             raise
@@ -213,7 +214,9 @@ class RedisBackend:
             await asyncio.sleep(0.01)
         raise Unavailable("the job for this Idempotency-Key is still being created; retry")
 
-    async def _create(self, spec: JobSpec, info: ModelInfo, job_id: str | None = None) -> dict[str, object]:
+    async def _create(
+        self, spec: JobSpec, info: ModelInfo, job_id: str | None = None, idem: str | None = None
+    ) -> dict[str, object]:
         """Record the job, copy the cached values, enqueue the missing tasks: one transaction."""
         s = self.settings
         job_id = job_id or new_job_id()
@@ -241,6 +244,11 @@ class RedisBackend:
                 if v is not None:
                     cached[tid] = v
         missing = [tid for tid in order if tid not in cached]
+        if len(missing) > s.max_queue_items:
+            raise TooLarge(
+                f"this request needs {len(missing)} code lengths computed; the queue holds at most "
+                f"{s.max_queue_items} (CODELEN_MAX_QUEUE_ITEMS): send it in parts"
+            )
         if missing:
             depth = await self._queue_depth()
             if depth + len(missing) > s.max_queue_items:
@@ -275,6 +283,8 @@ class RedisBackend:
             record["finished_at"] = repr(now)
         if spec.matrix_ids:
             record["matrix_ids"] = json.dumps(spec.matrix_ids)
+        if idem:
+            record["idem"] = idem  # deleted with the job
         needed_shas = {sha for tid in missing for sha in tasks[tid].shas()}
 
         job_keys = keys.job_keys(job_id)
@@ -313,7 +323,8 @@ class RedisBackend:
         return redis_state.job_state(record).public() if record else None
 
     @redis_errors_unavailable
-    async def results(self, job_id: str) -> tuple[dict[str, object], list[dict], dict | None] | None:
+    async def results(self, job_id: str) -> tuple[dict[str, object], Iterator[dict], dict | None] | None:
+        """Rows built as they are read (the route streams them); a matrix built in a thread."""
         pipe = self.redis.pipeline(transaction=True)
         pipe.hgetall(keys.job(job_id))
         pipe.lrange(keys.job_pairs(job_id), 0, -1)
@@ -323,23 +334,36 @@ class RedisBackend:
             return None
         job = redis_state.job_state(record)
         info = redis_state.info_from_json(record["info"])
-        rows = []
-        for raw in pairs:
-            pair_id, hx, hy, nx, ny = json.loads(raw)
-            tasks = pair_tasks(job.model, hx, hy, job.mode, job.direction)
-            got = [values.get(redis_state.task_id(t)) for t in tasks]
-            if None in got:
-                continue
-            pair = PairSpec(pair_id, Dataset("", hx, nx, 0), Dataset("", hy, ny, 0))
-            rows.append(pair_result(info, pair, PairLengths.of([float(b) for b in got])))
-        matrix = matrix_document(job.matrix_ids, rows) if job.matrix_ids and job.status == "succeeded" else None
-        return {**job.public(), "conditioning_parameters": info.conditioning.as_dict()}, rows, matrix
+
+        def rows() -> Iterator[dict]:
+            for raw in pairs:
+                pair_id, hx, hy, nx, ny = json.loads(raw)
+                tasks = pair_tasks(job.model, hx, hy, job.mode, job.direction)
+                got = [values.get(redis_state.task_id(t)) for t in tasks]
+                if None in got:
+                    continue
+                pair = PairSpec(pair_id, Dataset("", hx, nx, 0), Dataset("", hy, ny, 0))
+                yield pair_result(info, pair, PairLengths.of([float(b) for b in got]))
+
+        matrix = None
+        if job.matrix_ids and job.status == "succeeded":
+            matrix = await asyncio.to_thread(matrix_document, job.matrix_ids, rows())
+        return {**job.public(), "conditioning_parameters": info.conditioning.as_dict()}, rows(), matrix
 
     @redis_errors_unavailable
     async def cancel(self, job_id: str) -> dict[str, object] | None:
-        status = await self._cancel(keys=keys.job_keys(job_id), args=[repr(time.time()), self.settings.job_ttl_s])
+        """Cancel a queued or running job; delete a succeeded or failed one (its last state is returned)."""
+        record = await self.redis.hgetall(keys.job(job_id))
+        if not record:
+            return None
+        idem = [record["idem"]] if record.get("idem") else []
+        args = [repr(time.time()), self.settings.job_ttl_s]
+        status = await self._cancel(keys=[*keys.job_keys(job_id), *idem], args=args)
         if status is None:
             return None
         if status == "cancelled":
             self.metrics.jobs.labels("cancelled").inc()
+        if status in ("succeeded", "failed"):  # deleted: what it was
+            done = record["total"] if status == "succeeded" else record.get("done", "0")
+            return redis_state.job_state(record | {"status": status, "done": done}).public()
         return await self.job(job_id)

@@ -68,7 +68,9 @@ redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[6], '*', unpack(entry))
 return redis.call('XACK', KEYS[6], ARGV[1], ARGV[2])
 """
 
-# KEYS: job keys (5).  ARGV: now, job ttl.  Returns the status after the call (nil: no such job).
+# KEYS: job keys (5), then its Idempotency-Key's key if it has one.  ARGV: now, job ttl.
+# Cancels a queued or running job; deletes a succeeded or failed one (with its Idempotency-Key, so
+# the key makes a new job). Returns the status before a delete, else after the call (nil: no job).
 CANCEL = """
 local st = redis.call('HGET', KEYS[1], 'status')
 if st == 'queued' or st == 'running' then
@@ -76,6 +78,9 @@ if st == 'queued' or st == 'running' then
   redis.call('DEL', KEYS[4], KEYS[5])
   for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[2]) end
   return 'cancelled'
+end
+if st == 'succeeded' or st == 'failed' then
+  redis.call('DEL', unpack(KEYS))
 end
 return st
 """
@@ -142,6 +147,8 @@ def parse_entry(entry_id: str, fields: dict[str, str]) -> Entry:
     hx, hy = fields["hx"], fields.get("hy") or None
     if len(hx) != 64 or (hy is not None and len(hy) != 64):
         raise ValueError(f"bad sha256 in {fields}")
+    if not keys.is_job_id(fields["job"]):
+        raise ValueError(f"bad job id in {fields}")
     task = Task(fields["model"], hx, hy, fields.get("mode") or "context")
     return Entry(entry_id, fields["job"], fields["ns"], task, int(fields.get("bytes", 0)))
 

@@ -493,7 +493,8 @@ class Worker:
         log.warning("dead-lettering %s of job %s: %s", entry_id, job_id, reason)
         extra = [v for kv in {**fields, "entry": entry_id, "stream": stream, "worker": self.name}.items() for v in kv]
         args = [keys.GROUP, entry_id, reason, repr(time.time()), s.job_ttl_s, s.dead_letter_max_len, *extra]
-        await self._fail(keys=[*keys.job_keys(job_id), stream, keys.DEAD_LETTER], args=args, client=pipe)
+        job_keys = keys.job_keys(job_id if keys.is_job_id(job_id) else keys.NO_JOB)  # a junk entry names no job
+        await self._fail(keys=[*job_keys, stream, keys.DEAD_LETTER], args=args, client=pipe)
 
     async def _dead(self, stream: str, entry_id: str, fields: dict, reason: str) -> None:
         """Dead-letter one entry now (outside a batch) and fail its job if it names one."""

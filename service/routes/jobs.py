@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Literal
 
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from service.deps import backend_of, dataset, model_id, settings_of
 from service.json_body import JSONBodyRoute
 from service.problems import Problem, problem_schema
 from service.schemas import JobRequest, JobStatus
+from service.streaming import json_document, json_lines
 from workers.jobs import JobConflict, JobSpec, Overloaded, PairSpec, matrix_pairs
 
 router = APIRouter(tags=["jobs"], route_class=JSONBodyRoute)
@@ -103,14 +103,11 @@ async def results(
         raise Problem(404, f"no job {job_id!r} (unknown, or expired)")
     job, rows, matrix = found
     if "application/x-ndjson" in request.headers.get("accept", ""):
-        lines = "".join(json.dumps(r) + "\n" for r in rows)
-        return Response(lines, media_type="application/x-ndjson", headers={"X-Job-Status": str(job["status"])})
-    doc: dict = {**job, "complete": job["status"] == "succeeded"}
-    if include == "all":
-        doc["results"] = rows
-    if matrix is not None:
-        doc["matrix"] = matrix
-    return JSONResponse(doc)
+        lines = json_lines(rows)
+        return StreamingResponse(lines, media_type="application/x-ndjson", headers={"X-Job-Status": str(job["status"])})
+    head = {**job, "complete": job["status"] == "succeeded"}
+    doc = json_document(head, rows if include == "all" else None, matrix)
+    return StreamingResponse(doc, media_type="application/json")
 
 
 @router.delete("/v1/jobs/{job_id}", response_model=JobStatus, responses=problem_schema(404))
