@@ -274,7 +274,9 @@ class ProbeClassifier:
         if not texts:
             return []
         raw = self._features(texts, last=self.features == "mean_last")
-        logits = ((raw - self._mean) / self._scale) @ self._w + self._b
+        # one text at a time: a product's kernel depends on its row count, so batched rows could
+        # differ in the last bits from the same text predicted alone
+        logits = torch.cat([row[None] @ self._w for row in (raw - self._mean) / self._scale]) + self._b
         bits = -torch.log_softmax(logits, dim=1) / _LN2
         out = [{lab: float(row[j]) for j, lab in enumerate(self.labels)} for row in bits]
         if self._classical is not None:
