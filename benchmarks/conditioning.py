@@ -119,7 +119,7 @@ def similarity(registry: Registry, args: argparse.Namespace) -> dict:
         alone = {cj: c.score([Segment((), enc[cj])])[0].target_bits for cj in classes}
         ratio = {}
         for ci in classes:
-            bits = c.score([Segment(enc[f"x{ci}"], enc[cj]) for cj in classes])
+            bits = c.score([Segment(enc[f"x{ci}"], enc[cj]) for cj in classes], need_prefix=False)
             for cj, b in zip(classes, bits, strict=True):
                 ratio[(cj, ci)] = b.target_bits / alone[cj]
         margins, first = [], 0
