@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests import redis_support
+from tests import redis_support, test_api
 from tests.conftest import fast_settings, serve
 from tests.redis_support import distributed_settings, start_worker, wait_published
 
@@ -30,16 +30,8 @@ X_COPY = text(2, 300) + " " + Y + " " + text(3, 300)
 X_ABSENT = text(2, 300) + " " + text(4, 40) + " " + text(3, 300)
 
 
-def wait_job(http: httpx.Client, job_id: str, timeout: float = 120) -> dict:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = http.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not finish")
+def wait_job(http: httpx.Client, job_id: str) -> dict:
+    return test_api.wait_job(http, job_id, timeout=120)  # memory and adapt take longer than zstd
 
 
 def score(http: httpx.Client, x: str, y: str, **options: object) -> dict:
