@@ -99,8 +99,10 @@ def build(
     texts: Sequence[str],
     labels: Sequence[str],
     options: dict | BaseModel | None = None,
+    fitted: dict | None = None,
 ) -> Classifier:
-    """A fitted classifier. `compressor` is called only by methods that need one (blocking)."""
+    """A fitted classifier. `compressor` is called only by methods that need one (blocking).
+    `fitted`: what an earlier fit of the same definition chose (`probe`: skips its cross-validation)."""
     opts = options if isinstance(options, BaseModel) else parse_options(name, options)
     data = LabeledData(list(texts), list(labels))
     if name == "zstd-dict":
@@ -116,6 +118,6 @@ def build(
         if not isinstance(c, StateCompressor):
             raise MethodError(f"method {name!r} needs a language model, not {c.info.id!r}")
         if name == "probe":
-            return ProbeClassifier(c, data, opts)  # type: ignore[arg-type]
+            return ProbeClassifier(c, data, opts, fitted)  # type: ignore[arg-type]
         return KnnLmClassifier(c, data, opts)  # type: ignore[arg-type]
     raise MethodError(f"unknown method {name!r}")

@@ -38,15 +38,17 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from classify.base import LabeledData, Prediction, argmin_label, posterior, text_rng
+from classify.caching import cached_rows
 from classify.knn_lm import StateCompressor, states_in_chunks
 from classify.zstd_dict import ZstdDictClassifier, ZstdDictOptions
+from models.protocol import Compressor, Symbols
 
 WEIGHT_DECAYS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 CLASSICAL_WEIGHTS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
@@ -130,8 +132,14 @@ def fit_linear(
 
 
 class ProbeClassifier:
-    def __init__(self, compressor: StateCompressor, data: LabeledData, opts: ProbeOptions) -> None:
+    def __init__(
+        self, compressor: StateCompressor, data: LabeledData, opts: ProbeOptions, chosen: Mapping | None = None
+    ) -> None:
+        """`chosen`: what an earlier fit of the same examples and options chose (its `fitted()`):
+        the cross-validation is skipped, the rest runs as it did, so the coder is the same, bit for
+        bit (a worker refitting a classifier for its predictions)."""
         self.compressor, self.data, self.opts = compressor, data, opts
+        self._chosen = dict(chosen) if chosen else None
         self.labels = data.classes
         self._layers = last_blocks(compressor.num_layers, opts.last_depth)
         self._mean: torch.Tensor | None = None  # set from the examples' features
@@ -150,7 +158,11 @@ class ProbeClassifier:
         self.classical_cv_accuracy: dict[float, float] = {}
         chosen_auto = "auto" in (opts.weight_decay, opts.classical_weight) or len(candidates) > 1
         held_out: torch.Tensor | None = None  # cross-validated logits of the chosen coder
-        if len(y) < 2 or not chosen_auto:
+        if self._chosen is not None:
+            self.features = str(self._chosen["features"])
+            self.weight_decay = float(self._chosen["weight_decay"])
+            self.classical_weight = float(self._chosen["classical_weight"])
+        elif len(y) < 2 or not chosen_auto:
             self.features = candidates[0]
             self.weight_decay = AUTO_FALLBACK if opts.weight_decay == "auto" else float(opts.weight_decay)
         else:
@@ -168,9 +180,9 @@ class ProbeClassifier:
             held_out = logits[self.weight_decay]
             if opts.classical_weight == "auto":
                 self.classical_weight = self._cross_validate_classical(held_out, y, folds)
-        if opts.classical_weight != "auto":
+        if self._chosen is None and opts.classical_weight != "auto":
             self.classical_weight = float(opts.classical_weight)
-        elif held_out is None:
+        elif self._chosen is None and held_out is None:
             self.classical_weight = 0.0  # a single example: nothing to choose it on
         self._classical = (
             ZstdDictClassifier(data, ZstdDictOptions(seed=opts.seed)) if self.classical_weight > 0 else None
@@ -231,6 +243,8 @@ class ProbeClassifier:
     def fitted(self) -> dict[str, object]:
         """What the fit chose, for reports: the features and weight decay and, if cross-validated,
         each candidate's accuracy (weight decays: of the chosen features; features: their best)."""
+        if self._chosen is not None:
+            return dict(self._chosen)
         out: dict[str, object] = {
             "features": self.features,
             "weight_decay": self.weight_decay,
@@ -251,21 +265,34 @@ class ProbeClassifier:
         seqs = [self.compressor.encode(t) for t in texts]  # raises TokenizationError on text the model cannot code
         if self.opts.max_tokens is not None:
             seqs = [s[: self.opts.max_tokens] for s in seqs]
-        if last:
-            # One more token (any: the rows before it never see it) gives the row after the text.
-            runs = states_in_chunks(self.compressor, [[*s, s[-1]] if len(s) else s for s in seqs], self._layers)
-        else:
-            runs = states_in_chunks(self.compressor, seqs)
-        rows = []
-        for seq, (_, states) in zip(seqs, runs, strict=True):
-            n = len(seq)
-            if n == 0:  # states has shape (0, width)
-                rows.append(torch.zeros(states.shape[1], dtype=torch.float64) if self._mean is None else self._mean)
-            elif last:
-                width = states.shape[1] // 2
-                rows.append(torch.cat([states[:n, :width].double().mean(0), states[n, width:].double()]))
+        layers = self._layers
+
+        def compute(compressor: Compressor, todo: list[Symbols]) -> list[tuple[torch.Tensor]]:
+            """Each text's row from one pass (an empty text: an empty (0, width) tensor)."""
+            if last:
+                # One more token (any: the rows before it never see it) gives the row after the text.
+                runs = states_in_chunks(compressor, [[*s, s[-1]] if len(s) else s for s in todo], layers)
             else:
-                rows.append(states.double().mean(0))
+                runs = states_in_chunks(compressor, todo)
+            out: list[tuple[torch.Tensor]] = []
+            for seq, (_, states) in zip(todo, runs, strict=True):
+                n = len(seq)
+                if n == 0:  # states has shape (0, width)
+                    out.append((states.double(),))
+                elif last:
+                    width = states.shape[1] // 2
+                    out.append((torch.cat([states[:n, :width].double().mean(0), states[n, width:].double()]),))
+                else:
+                    out.append((states.double().mean(0),))
+            return out
+
+        kind = f"probe-mean-last:{','.join(str(i) for i in layers)}" if last else "probe-mean"
+        rows = []
+        for (row,) in cached_rows(self.compressor, kind, seqs, compute):  # a model pass only for texts never featurized
+            if row.dim() == 2:  # no tokens
+                rows.append(torch.zeros(row.shape[1], dtype=torch.float64) if self._mean is None else self._mean)
+            else:
+                rows.append(row)
         return torch.stack(rows)
 
     def bits(self, texts: Sequence[str]) -> list[dict[str, float]]:

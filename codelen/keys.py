@@ -18,7 +18,6 @@ class UnknownId(LookupError):
 
 
 JOB_ID = re.compile(r"job_[0-9a-f]{32}")  # workers/jobs.py: new_job_id
-HEX_ID = re.compile(r"[0-9a-f]{32}")  # prediction jobs (uuid4().hex)
 # classifiers: the service issues uuid4().hex; any short name of these characters names nothing else
 NAME = re.compile(r"[0-9A-Za-z_-]{1,64}")
 DIGEST = re.compile(r"[0-9a-f]{64}")  # sha256 hex: datasets, Idempotency-Keys, API keys
@@ -78,23 +77,25 @@ def item_error(entry_id: str) -> str:
 
 
 def job(job_id: str) -> str:
-    """Hash: id, model, kind, status, total, done, error, created_at, finished_at, info, matrix_ids."""
+    """Hash: id, model, kind, status, total, done, error, created_at, finished_at, info, matrix_ids;
+    a classifier job (kind fit or predict) also its classifier and chunk (texts per task)."""
     return f"{QUEUE}:job:{_checked(job_id, JOB_ID, 'job')}"
 
 
 def job_pairs(job_id: str) -> str:
-    """List, in pair order: JSON [pair id, sha x, sha y, bytes x, bytes y]."""
+    """List, in pair order: JSON [pair id, sha x, sha y, bytes x, bytes y]; a prediction job's texts."""
     return f"{job(job_id)}:pairs"
 
 
 def job_values(job_id: str) -> str:
     """Hash: task id → bits, every code length the job's pairs need (copied from the cache or
-    written by a worker), so results never depend on cache entries surviving eviction."""
+    written by a worker), so results never depend on cache entries surviving eviction; a classifier
+    job's: task id (`fit`, `p<first text>`) → its JSON value (workers/classifying.py)."""
     return f"{job(job_id)}:values"
 
 
 def job_waiting(job_id: str) -> str:
-    """Hash: task id → comma-separated indices of the pairs still waiting for it."""
+    """Hash: task id → comma-separated indices of the pairs (a classifier job: texts) still waiting for it."""
     return f"{job(job_id)}:waiting"
 
 
@@ -121,21 +122,7 @@ def classifier(classifier_id: str) -> str:
     return f"{QUEUE}:clf:{_checked(classifier_id, NAME, 'classifier')}"
 
 
-def classifier_prediction(job_id: str) -> str:
-    """A prediction job of a classifier as JSON (status, progress, predictions when done); expires."""
-    return f"{QUEUE}:clfpred:{_checked(job_id, HEX_ID, 'prediction job')}"
-
-
-def classifier_prediction_texts(job_id: str) -> str:
-    """A prediction job's texts as one JSON list, written once at submit (what a resume reads)."""
-    return f"{classifier_prediction(job_id)}:texts"
-
-
-def classifier_prediction_results(job_id: str) -> str:
-    """A prediction job's predictions so far: a list, one JSON prediction per text, in text order."""
-    return f"{classifier_prediction(job_id)}:results"
-
-
-def classifier_prediction_claim(job_id: str) -> str:
-    """Held (SET NX, expiring) by the API process that resumes a job whose process stopped."""
-    return f"{classifier_prediction(job_id)}:claim"
+def classify_value(ns: str, name: str) -> str:
+    """A value a classifier's model pass produced (classify/caching.py: `seg:`, `states:`, `rows:`
+    and the sha256 of the symbols), under model namespace `ns`: cache, evictable, expires."""
+    return f"{CACHE}:clf:{ns}:{name}"

@@ -26,6 +26,15 @@ class Metrics:
         )
         self.queue_depth = Gauge("codelen_queue_depth", "Tasks waiting for a worker", registry=r)
         self.jobs = Counter("codelen_jobs", "Jobs by final status", ["status"], registry=r)
+        self.models_loaded = Gauge(
+            "codelen_models_loaded", "Models whose weights this process holds (1 each)", ["model"], registry=r
+        )
+        self.classify_values = Counter(
+            "codelen_classify_values",
+            "Values of classifier model passes (segment code lengths, features, token states) by where they came from",
+            ["outcome"],  # computed: the model ran; reused: the cache had it
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -64,16 +64,17 @@ class Settings(BaseSettings):
     max_predict_texts: int = 1_000  # texts per predict request
     max_predict_segments: int = 1_000_000  # code lengths one predict request may need (knn: texts x examples)
     classifier_ttl_s: int = 90 * 24 * 3600  # Redis: a classifier unused this long expires
-    fitted_classifiers: int = 8  # fitted classifiers (dictionaries, encoded contexts) kept per process
-    # Prediction jobs (POST /v1/classifiers/{id}/predictions): run in the API process, 16 texts a step
+    fitted_classifiers: int = 8  # fitted classifiers (dictionaries, encoded contexts) kept per process that runs them
+    # Classifier jobs (fits, predictions) run on the queue: a prediction job is a task per chunk of texts
     max_prediction_job_texts: int = 100_000  # texts per prediction job (413 above)
-    max_prediction_jobs: int = 1_000  # embedded: job records (with predictions) kept, least recently used dropped
-    prediction_job_ttl_s: int = 7 * 24 * 3600  # Redis: a job record (with its predictions) expires after this
-    # A running job refreshes updated_at this often; one not refreshed for 6x this reads as failed (lost).
-    prediction_heartbeat_s: float = 10.0
+    classify_chunk_texts: int = 16  # texts per prediction task: progress and reclaim move by this much
+    # embedded: bytes of classifier model-pass values kept (code lengths of segments, probe features,
+    # knn-lm token states; classify/caching.py); Redis keeps them in the cache with cache_ttl_s
+    classifier_cache_bytes: int = 256 << 20
 
     # Behaviour
-    score_wait_s: float = 60.0  # /v1/score waits this long, then answers 202 with a job
+    # /v1/score, /v1/classifiers and .../predict wait this long, then answer 202 with a job
+    score_wait_s: float = 60.0
     score_fast_path: bool = True  # answer cached /v1/score before routing (service/fastpath.py)
     cache_max_entries: int = 1_000_000  # embedded cache bound (LRU), with cache_max_bytes
     cache_max_bytes: int = 64 << 20  # embedded cache bound in bytes (264 B a code length: 254k of them)

@@ -41,6 +41,10 @@ class Registry:
     def loaded(self, model_id: str) -> bool:
         return model_id in self._loaded
 
+    def loaded_ids(self) -> list[str]:
+        """The models this process has built (an LM: its weights are in memory)."""
+        return sorted(self._loaded)
+
     def get(self, model_id: str, mode: str = "context") -> Compressor:
         """The compressor of `model_id` coding in conditioning `mode`, loading the model on first
         use (blocking; call from a worker thread). UnsupportedMode if the model has no such mode."""

@@ -10,14 +10,15 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 import codelen
-from classify.serving import ClassifierService
-from classify.store import store_for
 from codelen.metrics import Metrics
 from codelen.settings import Settings, get_settings
 from models.registry import Registry
 from service import openapi, problems
+from service.classifiers import router as classifiers
+from service.classifiers.serving import ClassifierService
+from service.classifiers.store import store_for
 from service.middleware import Gatekeeper
-from service.routes import classifiers, jobs, scores, system
+from service.routes import jobs, scores, system
 from workers.backend import Backend
 
 log = logging.getLogger("codelen.service")
@@ -42,12 +43,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         backend = build_backend(settings, registry, metrics)
         app.state.backend = backend
-        app.state.classifiers = ClassifierService(settings, registry, store_for(settings))
+        app.state.classifiers = ClassifierService(settings, registry, backend, store_for(settings))
         await backend.start()
         preload = asyncio.create_task(_preload(registry, settings))
         yield
         preload.cancel()
-        await app.state.classifiers.aclose()  # running prediction jobs: recorded as failed
         await backend.stop()
         await app.state.classifiers.store.close()
 

@@ -119,13 +119,16 @@ class JobStatus(BaseModel):
     id: str
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     model: str
-    kind: Literal["pairs", "matrix"]
+    kind: Literal["pairs", "matrix", "fit", "predict"] = Field(
+        description="fit, predict: a classifier's fit or prediction job (/v1/classifiers); progress counts texts"
+    )
     conditioning: Literal["context", "memory", "adapt"] = "context"
     direction: Literal["both", "y_given_x"] = "both"
     progress: Progress
     created_at: float
     finished_at: float | None = None
     error: str | None = None
+    classifier: str | None = Field(default=None, description="only for fit and predict jobs")
 
 
 class ModelEntry(BaseModel):

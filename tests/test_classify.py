@@ -7,7 +7,6 @@ import json
 import math
 import random
 import time
-import uuid
 from collections import Counter
 
 import httpx
@@ -20,15 +19,10 @@ from classify.data import Example, load_examples, split
 from classify.evaluate import scores
 from classify.knn import KnnOptions, vote
 from classify.methods import MethodError, resolve_model
-from classify.serving import GIVEN_UP, LOST, MAX_RESUMES, SHUTDOWN, ClassifierService, Fitted, job_as_seen
-from classify.store import MemoryStore
-from codelen import keys
 from codelen.cli import main as codelen_main
 from models.classical import ClassicalCompressor
 from models.protocol import Segment, TokenizationError
-from tests import redis_support
 from tests.conftest import fast_settings, serve
-from tests.redis_support import distributed_settings
 
 VOCAB = {
     "sport": "match goal team coach season league striker referee stadium win cup final players score".split(),
@@ -285,7 +279,8 @@ def test_knn_with_tiny_lm(tiny) -> None:
 
 @pytest.fixture(scope="module")
 def api():
-    with serve(fast_settings(max_predict_texts=4, max_classifier_examples=50)) as url:
+    # a create or predict answers once its job is done (a probe's cross-validation can take a minute here)
+    with serve(fast_settings(max_predict_texts=4, max_classifier_examples=50, score_wait_s=600)) as url:
         with httpx.Client(base_url=url, timeout=60) as client:
             yield client
 
@@ -777,201 +772,138 @@ def test_prediction_job_errors(jobs_api: httpx.Client) -> None:
     assert wait_prediction(jobs_api, f"/v1/classifiers/{cid}/predictions/{job['id']}")["status"] == "succeeded"
 
 
-def test_a_job_whose_heartbeat_stopped_reads_as_failed() -> None:
-    now = 1_000_000.0
-    record = {"id": "j", "classifier": "c", "status": "running", "done": 16, "total": 64, "created_at": now - 500}
-    stale = job_as_seen({**record, "updated_at": now - 61}, now, heartbeat_s=10)
-    assert stale["status"] == "failed" and stale["error"] == LOST and stale["done"] == 16
-    assert job_as_seen({**record, "status": "queued", "updated_at": now - 61}, now, 10)["status"] == "failed"
-    fresh = {**record, "updated_at": now - 59}
-    assert job_as_seen(fresh, now, heartbeat_s=10) == fresh
-    finished = {**record, "status": "succeeded", "done": 64, "updated_at": now - 10_000, "predictions": []}
-    assert job_as_seen(finished, now, heartbeat_s=10) == finished
-    assert record["status"] == "running" and "error" not in record  # pure: the input is not changed
 
 
-class _SlowOrFailing:
-    """A fitted classifier that sleeps per call and raises TokenizationError on one text."""
+def test_prediction_job_is_a_job_of_v1_jobs(jobs_api: httpx.Client) -> None:
+    """The same job at /v1/jobs: progress in texts, results as JSON and JSON lines, the
+    Idempotency-Key naming one job, DELETE of a finished one forgetting it."""
+    cid = gzip_classifier(jobs_api)
+    texts = [e.text for e in TEST[:10]]
+    key = {"Idempotency-Key": f"predict-{cid}"}
+    first = jobs_api.post(f"/v1/classifiers/{cid}/predictions", json={"texts": texts}, headers=key)
+    again = jobs_api.post(f"/v1/classifiers/{cid}/predictions", json={"texts": texts}, headers=key)
+    assert first.status_code == again.status_code == 202 and first.json()["id"] == again.json()["id"]
+    other = jobs_api.post(f"/v1/classifiers/{cid}/predictions", json={"texts": texts[:3]}, headers=key)
+    assert other.status_code == 409 and other.headers["content-type"] == "application/problem+json"
+    job_id = first.json()["id"]
+    done = wait_prediction(jobs_api, f"/v1/jobs/{job_id}")
+    assert done["status"] == "succeeded" and done["kind"] == "predict" and done["classifier"] == cid
+    assert (done["progress"]["done"], done["progress"]["total"]) == (10, 10)
+    doc = jobs_api.get(f"/v1/jobs/{job_id}/results").json()
+    assert doc["complete"] and [r["index"] for r in doc["results"]] == list(range(10))
+    lines = jobs_api.get(f"/v1/jobs/{job_id}/results", headers={"Accept": "application/x-ndjson"}).text.splitlines()
+    assert [json.loads(line) for line in lines] == doc["results"]
+    old = jobs_api.get(f"/v1/classifiers/{cid}/predictions/{job_id}").json()
+    assert old["predictions"] == [{k: v for k, v in r.items() if k != "index"} for r in doc["results"]]
+    assert jobs_api.delete(f"/v1/jobs/{job_id}").json()["status"] == "succeeded"
+    assert jobs_api.get(f"/v1/classifiers/{cid}/predictions/{job_id}").status_code == 404
+
+
+def test_a_create_is_a_fit_job(jobs_api: httpx.Client) -> None:
+    examples = [{"text": e.text, "label": e.label} for e in TRAIN]
+    info = jobs_api.post("/v1/classifiers", json={"model": "gzip", "examples": examples}).json()
+    assert info["status"] == "ready" and info["fit_job"].startswith("job_")
+    job = jobs_api.get(f"/v1/jobs/{info['fit_job']}").json()
+    assert job["kind"] == "fit" and job["status"] == "succeeded" and job["classifier"] == info["id"]
+    assert job["progress"]["total"] == len(TRAIN)
+    assert jobs_api.get(f"/v1/jobs/{info['fit_job']}/results").json()["results"] == [
+        {"classifier": info["id"], "fitted": None}
+    ]
+
+
+def test_caching_compressor_gives_the_same_answers_and_no_model_pass_twice(tiny) -> None:
+    """conditional (segments), probe (features) and knn-lm (token states) on a caching compressor:
+    the same predictions as on the model itself, and a second fit and prediction run no model pass."""
+    from classify.caching import caching
+    from workers.classifying import MemoryBlobs
+
+    texts, labels = [e.text for e in TRAIN[::3]], [e.label for e in TRAIN[::3]]
+    tests = [e.text for e in TEST[:4]]
+    options = {
+        "conditional": {},
+        "probe": {"weight_decay": 0.1, "features": "mean_last", "classical_weight": 0},
+        "knn-lm": {"classical_weight": 0},
+    }
+    blobs = MemoryBlobs(1 << 26)
+    for method, opts in options.items():
+        plain = [p.as_dict() for p in build(method, lambda: tiny, texts, labels, opts).predict(tests)]
+        first = caching(tiny, blobs)
+        assert [p.as_dict() for p in build(method, lambda c=first: c, texts, labels, opts).predict(tests)] == plain
+        assert first.computed > 0
+        second = caching(tiny, blobs)
+        assert [p.as_dict() for p in build(method, lambda c=second: c, texts, labels, opts).predict(tests)] == plain
+        assert second.computed == 0 and second.reused > 0, method
+    assert caching(ClassicalCompressor("gzip"), blobs).info.id == "gzip"  # classical: not wrapped
+    small = MemoryBlobs(10_000)
+    small.set_many("ns", {f"k{i}": "x" * 1000 for i in range(30)})
+    assert small.nbytes <= 10_000 and small.get_many("ns", ["k0", "k29"]) == [None, "x" * 1000]
+
+
+def test_a_refit_from_what_the_fit_chose_is_the_same_probe(tiny) -> None:
+    texts, labels = [e.text for e in TRAIN], [e.label for e in TRAIN]
+    opts = {"classical_weight": "auto", "features": "auto", "weight_decay": "auto", "folds": 3}
+    fit = build("probe", lambda: tiny, texts, labels, opts)
+    again = build("probe", lambda: tiny, texts, labels, opts, fit.fitted())
+    assert again.fitted() == fit.fitted()
+    assert [p.as_dict() for p in again.predict([e.text for e in TEST])] == [
+        p.as_dict() for p in fit.predict([e.text for e in TEST])
+    ]
+
+
+class _FailsOn:
+    """A fitted classifier that raises TokenizationError on one text."""
 
     labels = ["a", "b"]
 
-    def __init__(self, sleep_s: float, bad: str | None = None) -> None:
-        self.sleep_s, self.bad = sleep_s, bad
+    def __init__(self, bad: str) -> None:
+        self.bad = bad
 
     def predict(self, texts):
-        time.sleep(self.sleep_s)
         if self.bad in texts:
             raise TokenizationError("the tokenizer does not round-trip this text")
-        return [Prediction("a", {"a": 1.0, "b": 0.0}) for _ in texts]
+        return [Prediction(t, {"a": 1.0, "b": 0.0}) for t in texts]
 
 
-def _service_with(classifier) -> ClassifierService:
-    service = ClassifierService(fast_settings(prediction_heartbeat_s=0.05), None, MemoryStore(10, 10))
-    service._fitted["c"] = Fitted(classifier)
-    return service
+def test_a_chunk_that_cannot_be_coded_fails_alone() -> None:
+    from workers.classifying import FittedClassifiers, run_classify
+    from workers.compute import ClassifyTask
+
+    fitted = FittedClassifiers(4)
+    fitted._items["c"] = _FailsOn("bad")  # as if fitted before
+    tasks = [ClassifyTask("gzip", "c", "j", i, 2) for i in (0, 2, 4)]
+    texts = [["t0", "t1"], ["t2", "bad"], ["t4", "t5"]]
+    values, failed = run_classify(fitted, {"id": "c"}, lambda: None, list(zip(tasks, texts, strict=True)))
+    assert failed == {tasks[1]: "texts 2..3: the tokenizer does not round-trip this text"}
+    assert [p["label"] for p in values[tasks[0]] + values[tasks[2]]] == ["t0", "t1", "t4", "t5"]
 
 
-async def _poll(service: ClassifierService, job_id: str, until, timeout: float = 30) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = await service.get_prediction("c", job_id)
-        if until(job):
-            return job
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"prediction job never reached the state: {job}")
+def test_embedded_cancel_drops_queued_chunks_and_the_queue_bound_answers_overloaded() -> None:
+    """The engine not started: a prediction job's first chunks wait in the queue. A second job
+    past CODELEN_MAX_QUEUE_ITEMS is refused; cancel drops the first job's chunks, which never run."""
+    from codelen.metrics import Metrics
+    from models.registry import Registry
+    from workers.embedded import CLASSIFY_WINDOW, EmbeddedBackend
+    from workers.jobs import ClassifySpec, Overloaded
 
+    async def scenario() -> tuple[dict, dict, bool]:
+        settings = fast_settings(max_queue_items=CLASSIFY_WINDOW)
+        backend = EmbeddedBackend(settings, Registry(settings), Metrics())
+        definition = {"id": "c", "model": "gzip", "method": "conditional", "options": {}, "examples": []}
+        spec = ClassifySpec("predict", definition, ["a b"] * 40, chunk=2)
+        job = await backend.submit(spec, None)
+        while backend.queue_depth() < CLASSIFY_WINDOW:
+            await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded):
+            await backend.submit(ClassifySpec("predict", definition, ["c d"], chunk=2), None)
+        cancelled = await backend.cancel(str(job["id"]))
+        await backend.start()  # the engine now reads the cancelled job's chunks and drops them
+        while backend.queue_depth():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        shown = await backend.job(str(job["id"]))
+        await backend.stop()
+        return cancelled, shown, "c" in backend.engine.fitted
 
-def test_a_failing_chunk_fails_the_job_with_its_text_range() -> None:
-    async def scenario() -> dict:
-        service = _service_with(_SlowOrFailing(0.0, bad="bad"))
-        await service.store.put({"id": "c"})
-        texts = ["fine"] * 20 + ["bad"] + ["fine"] * 5
-        job = await service.submit_prediction("c", texts)
-        done = await _poll(service, job["id"], lambda j: j["status"] in ("succeeded", "failed"))
-        await service.aclose()
-        return done
-
-    job = asyncio.run(scenario())
-    assert job["status"] == "failed" and job["done"] == 16 and "predictions" not in job
-    assert job["error"].startswith("prediction failed on texts 16..25: ") and "round-trip" in job["error"]
-
-
-def test_a_running_job_beats_while_a_chunk_runs_and_shutdown_fails_it() -> None:
-    async def scenario() -> tuple[dict, dict, dict]:
-        service = _service_with(_SlowOrFailing(1.0))
-        await service.store.put({"id": "c"})
-        job = await service.submit_prediction("c", ["x"] * 40)
-        first = await _poll(service, job["id"], lambda j: j["status"] == "running")
-        later = await _poll(service, job["id"], lambda j: j["updated_at"] > first["updated_at"] + 0.1)
-        await service.aclose()
-        return first, later, await service.store.get_job(job["id"])
-
-    first, later, closed = asyncio.run(scenario())
-    assert later["status"] == "running" and later["done"] == 0  # the heartbeat, not progress, moved it
-    assert closed["status"] == "failed" and closed["error"] == SHUTDOWN
-
-
-# the real redis-server of the distributed-mode tests, for one prediction job in that mode
-redis_server, redis_url = redis_support.redis_server, redis_support.redis_url
-
-
-@pytest.mark.redis
-def test_prediction_job_in_distributed_mode(redis_url: str) -> None:
-    import redis
-
-    with serve(distributed_settings(redis_url)) as url, httpx.Client(base_url=url, timeout=60) as client:
-        cid = gzip_classifier(client)
-        texts = [e.text for e in TEST]
-        r = client.post(f"/v1/classifiers/{cid}/predictions", json={"texts": texts})
-        assert r.status_code == 202, r.text
-        done = wait_prediction(client, r.headers["location"])
-        assert done["status"] == "succeeded" and done["done"] == done["total"] == len(TEST)
-        assert [p["label"] for p in done["predictions"]] == [e.label for e in TEST]
-    with redis.Redis.from_url(redis_url) as r:
-        key = keys.classifier_prediction(done["id"])
-        assert json.loads(r.get(key))["status"] == "succeeded" and 0 < r.ttl(key) <= 7 * 24 * 3600
-
-
-class _Echo:
-    """A fitted classifier whose prediction names its text (order-checkable), counting the texts it
-    was asked for and sleeping per call."""
-
-    labels = ["a", "b"]
-
-    def __init__(self, sleep_s: float = 0.0) -> None:
-        self.sleep_s, self.seen = sleep_s, []
-
-    def predict(self, texts):
-        time.sleep(self.sleep_s)
-        self.seen += texts
-        return [Prediction(t, {t: 1.0}) for t in texts]
-
-
-def _redis_service(redis_url: str, classifier) -> ClassifierService:
-    from classify.store import RedisStore
-
-    service = ClassifierService(fast_settings(prediction_heartbeat_s=0.05), None, RedisStore(redis_url, 3600))
-    service._fitted["c"] = Fitted(classifier)
-    return service
-
-
-@pytest.mark.redis
-def test_a_job_whose_process_stopped_is_resumed_by_the_next_get(redis_url: str) -> None:
-    """Redis mode: a job left running with 16 of 40 texts done (its process gone) is claimed by the
-    first GET in another process and resumed from text 16; a second process asking at the same
-    time does not run it again; the predictions are those of one uninterrupted run."""
-    texts = [f"t{i}" for i in range(40)]
-
-    async def scenario() -> tuple[dict, dict, _Echo, _Echo]:
-        a, b = _Echo(0.02), _Echo(0.02)
-        first, second = _redis_service(redis_url, a), _redis_service(redis_url, b)
-        await first.store.put({"id": "c"})
-        job = {"id": uuid.uuid4().hex, "classifier": "c", "status": "running", "done": 16, "total": 40}
-        job.update(resumes=0, created_at=time.time() - 100, updated_at=time.time() - 100)
-        await first.store.put_job_texts(job["id"], texts)
-        await first.store.append_job_results(job["id"], [{"label": t, "scores": {t: 1.0}} for t in texts[:16]])
-        await first.store.put_job(job)
-        # Both processes judge the same stale record before either acts: only the claim decides.
-        both = await asyncio.gather(first._resume(dict(job), time.time()), second._resume(dict(job), time.time()))
-        assert sum(r is not None and r["resumes"] == 1 for r in both) == 1
-        seen = await first.get_prediction("c", job["id"])
-        done = await _poll(first, job["id"], lambda j: j["status"] in ("succeeded", "failed"))
-        for s in (first, second):
-            await s.aclose()
-            await s.store.close()
-        return seen, done, a, b
-
-    seen, done, a, b = asyncio.run(scenario())
-    assert seen["status"] in ("running", "succeeded") and seen["resumes"] == 1
-    assert done["status"] == "succeeded" and done["resumes"] == 1 and done["done"] == 40
-    assert [p["label"] for p in done["predictions"]] == texts
-    assert sorted(a.seen + b.seen) == sorted(texts[16:])  # each remaining text once, none of the first 16
-
-
-@pytest.mark.redis
-def test_shutdown_in_redis_mode_interrupts_and_another_process_finishes(redis_url: str) -> None:
-    texts = [f"t{i}" for i in range(48)]
-
-    async def scenario() -> tuple[dict, dict, dict]:
-        first = _redis_service(redis_url, _Echo(0.05))
-        await first.store.put({"id": "c"})
-        job = await first.submit_prediction("c", texts)
-        await _poll(first, job["id"], lambda j: j["done"] >= 16)
-        await first.aclose()  # a graceful shutdown mid-job
-        interrupted = await first.store.get_job(job["id"])
-        await first.store.close()
-        second = _redis_service(redis_url, _Echo())
-        seen = await second.get_prediction("c", job["id"])
-        done = await _poll(second, job["id"], lambda j: j["status"] in ("succeeded", "failed"))
-        await second.aclose()
-        await second.store.close()
-        return interrupted, seen, done
-
-    interrupted, seen, done = asyncio.run(scenario())
-    assert interrupted["status"] == "queued" and interrupted["interrupted"] and 16 <= interrupted["done"] < 48
-    assert seen["status"] == "running" and "interrupted" not in seen
-    assert done["status"] == "succeeded" and done["resumes"] == 0  # a shutdown is not counted
-    assert [p["label"] for p in done["predictions"]] == texts
-    import redis
-
-    with redis.Redis.from_url(redis_url) as r:  # what only a resume needed is gone once it succeeded
-        job_id = done["id"]
-        assert not r.exists(keys.classifier_prediction_texts(job_id), keys.classifier_prediction_results(job_id))
-
-
-@pytest.mark.redis
-def test_a_job_that_keeps_stopping_its_process_is_failed(redis_url: str) -> None:
-    async def scenario() -> dict:
-        service = _redis_service(redis_url, _Echo())
-        await service.store.put({"id": "c"})
-        job = {"id": uuid.uuid4().hex, "classifier": "c", "status": "running", "done": 0, "total": 4}
-        job.update(resumes=MAX_RESUMES, created_at=time.time() - 100, updated_at=time.time() - 100)
-        await service.store.put_job_texts(job["id"], ["w", "x", "y", "z"])
-        await service.store.put_job(job)
-        seen = await service.get_prediction("c", job["id"])
-        await service.aclose()
-        await service.store.close()
-        return seen
-
-    seen = asyncio.run(scenario())
-    assert seen["status"] == "failed" and seen["error"] == GIVEN_UP
+    cancelled, shown, fitted = asyncio.run(scenario())
+    assert cancelled["status"] == shown["status"] == "cancelled" and shown["progress"]["done"] == 0
+    assert not fitted  # no chunk ran: the classifier was never even fitted

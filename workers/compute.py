@@ -5,6 +5,7 @@ Two kinds of task, each answering one cache key:
   was requested with, nor on which worker or mode ran it;
 - COND(X, Y): C(Y|X), the target part of the segment (X, Y).
 A pair (X, Y) needs LEN X, LEN Y, COND X→Y and COND Y→X.
+A classifier job's tasks are of a third kind, `ClassifyTask` (run by workers/classifying.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,26 @@ class Task:
 
     def shas(self) -> tuple[str, ...]:
         return (self.hx,) if self.hy is None else (self.hx, self.hy)
+
+
+FIT = -1  # ClassifyTask.start of a fit
+
+
+@dataclass(frozen=True)
+class ClassifyTask:
+    """Fit classifier `classifier` (start FIT), or predict texts start .. start+count-1 of job `job`."""
+
+    model: str
+    classifier: str
+    job: str
+    start: int
+    count: int
+    mode: str = "context"  # classifiers code in context mode; kept so tasks group like score tasks
+
+    @property
+    def tid(self) -> str:
+        """The task's name in its job (the value it writes is stored under it)."""
+        return "fit" if self.start == FIT else f"p{self.start}"
 
 
 DIRECTIONS = ("both", "y_given_x")

@@ -14,15 +14,18 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 
+from classify.caching import caching
 from codelen.datasets import Dataset
 from codelen.metrics import Metrics
 from codelen.scores import PairLengths
 from codelen.settings import Settings
 from models.protocol import Compressor, ModelInfo, Progress
 from models.registry import Registry
-from workers.compute import SymbolCache, Task, pair_tasks, run_tasks_isolating
+from workers.classifying import FittedClassifiers, MemoryBlobs, run_classify
+from workers.compute import ClassifyTask, SymbolCache, Task, pair_tasks, run_tasks_isolating
 from workers.jobs import (
     TERMINAL,
+    ClassifySpec,
     JobConflict,
     JobSpec,
     JobState,
@@ -31,9 +34,10 @@ from workers.jobs import (
     matrix_document,
     new_job_id,
 )
-from workers.results import JobResults, release_memory
+from workers.results import ClassifyResults, JobResults, release_memory
 
 JOB_WINDOW = 256  # pairs of one job in flight at once: bounds memory and lets cancel stop work
+CLASSIFY_WINDOW = 8  # classify tasks (chunks) of one job queued at once: cancel stops the rest
 BIG_JOB_PAIRS = 10_000  # once a job this big is finished or dropped, freed memory goes back to the OS
 
 
@@ -111,12 +115,17 @@ class Engine:
         self.cache = LRUCache(settings.cache_max_entries, settings.cache_max_bytes)
         self._texts: dict[str, str] = {}
         self._text_refs: dict[str, int] = {}
-        self._queue: asyncio.Queue[Task] = asyncio.Queue()
+        self._queue: asyncio.Queue[Task | ClassifyTask] = asyncio.Queue()
         self._inflight: dict[Task, asyncio.Future[float]] = {}
         self._watchers: dict[Task, list[JobState]] = {}  # jobs credited with a queued task's tokens
         self._running: dict[Task, _BatchTokens] = {}  # tasks of the batch now running
         self._symbols = SymbolCache()
         self._worker: asyncio.Task | None = None
+        # classifier work: each queued task's future, definition and texts; fitted classifiers and
+        # the values of their model passes (classify/caching.py)
+        self._classify: dict[ClassifyTask, tuple[asyncio.Future[object], dict, list[str]]] = {}
+        self.fitted = FittedClassifiers(settings.fitted_classifiers)
+        self.blobs = MemoryBlobs(settings.classifier_cache_bytes, metrics.classify_values)
 
     async def start(self) -> None:
         self._worker = asyncio.create_task(self._run(), name="codelen-embedded-worker")
@@ -194,6 +203,19 @@ class Engine:
         self.metrics.queue_depth.set(self._queue.qsize())
         return out
 
+    def request_classify(
+        self, task: ClassifyTask, definition: dict, texts: list[str], *, admit: bool = True
+    ) -> asyncio.Future[object]:
+        """Queue a classify task; its future holds the task's value (workers/classifying.py).
+        Cancelling the future drops the task if it has not run yet."""
+        if admit and self._queue.qsize() + 1 > self.settings.max_queue_items:
+            raise Overloaded(f"queue holds {self._queue.qsize()} tasks")
+        fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._classify[task] = (fut, definition, texts)
+        self._queue.put_nowait(task)
+        self.metrics.queue_depth.set(self._queue.qsize())
+        return fut
+
     async def pair_lengths(
         self,
         info: ModelInfo,
@@ -230,10 +252,16 @@ class Engine:
                     break
             self.metrics.queue_depth.set(self._queue.qsize())
             by_model: dict[tuple[str, str], list[Task]] = {}
+            by_classifier: dict[str, list[ClassifyTask]] = {}
             for t in batch:
-                by_model.setdefault((t.model, t.mode), []).append(t)
+                if isinstance(t, ClassifyTask):
+                    by_classifier.setdefault(t.classifier, []).append(t)
+                else:
+                    by_model.setdefault((t.model, t.mode), []).append(t)
             for (model, mode), tasks in by_model.items():
                 await self._run_batch(model, mode, tasks)
+            for ctasks in by_classifier.values():
+                await self._run_classify(ctasks)
 
     def _progress(self, tasks: list[Task]) -> Progress:
         """Credit the jobs waiting on `tasks` (and jobs that start waiting while they run) with
@@ -284,6 +312,42 @@ class Engine:
                 fut.exception()  # mark retrieved: nobody may be waiting any more
 
 
+    async def _run_classify(self, tasks: list[ClassifyTask]) -> None:
+        """Classify tasks of one classifier, in the model thread like a batch of code lengths."""
+        items = [(t, *self._classify.pop(t)) for t in tasks]
+        live = [(t, fut, definition, texts) for t, fut, definition, texts in items if not fut.done()]  # else cancelled
+        if not live:
+            return
+        definition, model = live[0][2], live[0][0].model
+        started = time.perf_counter()
+        try:
+            base = await self.compressor(model)
+            values, failed = await asyncio.to_thread(
+                run_classify,
+                self.fitted,
+                definition,
+                lambda: caching(base, self.blobs),
+                [(t, texts) for t, _, _, texts in live],
+            )
+            error: BaseException | None = None
+        except Exception as exc:  # a broken model fails these tasks, not the worker
+            values, failed, error = {}, {}, exc
+        self.metrics.stage.labels("inference").observe(time.perf_counter() - started)
+        for t, fut, _, _ in live:
+            if fut.done():  # cancelled while it ran
+                continue
+            if error is not None:
+                self.metrics.task_failures.labels(model).inc()
+                fut.set_exception(RuntimeError(f"{model} failed: {type(error).__name__}: {error}"))
+            elif t in failed:
+                self.metrics.task_failures.labels(model).inc()
+                fut.set_exception(TaskFailed(failed[t]))
+            else:
+                self.metrics.tasks.labels(model).inc()
+                fut.set_result(values[t])
+            fut.exception()  # an exception is marked retrieved: nobody may be waiting any more
+
+
 class EmbeddedBackend:
     """Jobs on top of the Engine. The service talks to this (or to the Redis backend)."""
 
@@ -295,8 +359,8 @@ class EmbeddedBackend:
         self.metrics = metrics
         self.engine = Engine(settings, registry, metrics)
         self._jobs: OrderedDict[str, JobState] = OrderedDict()
-        self._specs: dict[str, JobSpec] = {}
-        self._results: dict[str, JobResults] = {}
+        self._specs: dict[str, JobSpec | ClassifySpec] = {}
+        self._results: dict[str, JobResults | ClassifyResults] = {}
         self._runners: dict[str, asyncio.Task] = {}
         self._idempotency: dict[str, tuple[str, str]] = {}
         self._idempotency_of: dict[str, str] = {}  # job id → its Idempotency-Key digest
@@ -349,7 +413,7 @@ class EmbeddedBackend:
 
     # -- jobs -------------------------------------------------------------------------------
 
-    async def submit(self, spec: JobSpec, idempotency_key: str | None) -> dict[str, object]:
+    async def submit(self, spec: JobSpec | ClassifySpec, idempotency_key: str | None) -> dict[str, object]:
         if idempotency_key:
             digest = hashlib.sha256(idempotency_key.encode()).hexdigest()
             if digest in self._idempotency:
@@ -361,24 +425,31 @@ class EmbeddedBackend:
         if self.engine.queue_depth() >= self.settings.max_queue_items:
             raise Overloaded(f"queue holds {self.engine.queue_depth()} tasks")
         info = await self.model_info(spec.model, spec.mode)
-        kind = "matrix" if spec.matrix_ids else "pairs"
-        job = JobState(
-            new_job_id(),
-            spec.model,
-            kind,
-            len(spec.pairs),
-            matrix_ids=spec.matrix_ids,
-            mode=spec.mode,
-            direction=spec.direction,
-        )
+        if isinstance(spec, ClassifySpec):
+            job = JobState(new_job_id(), spec.model, spec.kind, spec.total, classifier=spec.classifier)
+            tasks = spec.tasks(job.id)
+            self._results[job.id] = ClassifyResults(info, spec.kind, spec.classifier, tasks)
+            runner = self._run_classify_job(job, spec, tasks)
+        else:
+            kind = "matrix" if spec.matrix_ids else "pairs"
+            job = JobState(
+                new_job_id(),
+                spec.model,
+                kind,
+                len(spec.pairs),
+                matrix_ids=spec.matrix_ids,
+                mode=spec.mode,
+                direction=spec.direction,
+            )
+            pair_ids = None if spec.matrix_ids else [p.id for p in spec.pairs]
+            self._results[job.id] = JobResults(info, len(spec.pairs), pair_ids, spec.matrix_ids)
+            runner = self._run_job(job, spec, info)
         self._jobs[job.id] = job
         self._specs[job.id] = spec
-        pair_ids = None if spec.matrix_ids else [p.id for p in spec.pairs]
-        self._results[job.id] = JobResults(info, len(spec.pairs), pair_ids, spec.matrix_ids)
         if idempotency_key:
             self._idempotency[digest] = (job.id, spec.fingerprint)
             self._idempotency_of[job.id] = digest
-        self._runners[job.id] = asyncio.create_task(self._run_job(job, spec, info))
+        self._runners[job.id] = asyncio.create_task(runner)
         self._forget_old_jobs()
         return job.public()
 
@@ -399,7 +470,7 @@ class EmbeddedBackend:
         if big:
             release_memory()
 
-    def _forget(self, job_id: str) -> JobResults | None:
+    def _forget(self, job_id: str) -> JobResults | ClassifyResults | None:
         """Drop a job and everything kept for it; its results, if it had any."""
         self._jobs.pop(job_id, None)
         self._specs.pop(job_id, None)
@@ -448,6 +519,44 @@ class EmbeddedBackend:
             if len(spec.pairs) >= BIG_JOB_PAIRS:
                 release_memory()  # the pair specs just dropped
 
+    async def _run_classify_job(self, job: JobState, spec: ClassifySpec, tasks: list[ClassifyTask]) -> None:
+        """Feed the job's tasks to the engine, CLASSIFY_WINDOW at a time, in order; a task that
+        fails fails the job. Cancelling it drops the tasks still queued."""
+        job.status = "running"
+        results = self._results[job.id]
+        assert isinstance(results, ClassifyResults)
+        texts = spec.texts
+        pending: dict[asyncio.Future, int] = {}
+        try:
+            following = 0
+            while following < len(tasks) or pending:
+                while following < len(tasks) and len(pending) < CLASSIFY_WINDOW:
+                    t = tasks[following]
+                    chunk = [] if t.start < 0 else texts[t.start : t.start + t.count]
+                    pending[self.engine.request_classify(t, spec.definition, chunk, admit=False)] = following
+                    following += 1
+                finished, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for fut in finished:
+                    k = pending.pop(fut)
+                    exc = fut.exception()
+                    if exc is not None:
+                        raise TaskFailed(str(exc))
+                    results.set(k, fut.result())
+                    job.done += tasks[k].count
+            job.status = "succeeded"
+        except asyncio.CancelledError:
+            job.status = "cancelled"
+        except Exception as exc:
+            job.status, job.error = "failed", str(exc)
+        finally:
+            for fut in pending:
+                fut.cancel()
+            job.finished_at = time.time()
+            self.metrics.jobs.labels(job.status).inc()
+            self._runners.pop(job.id, None)
+            self._specs.pop(job.id, None)
+            self._forget_old_jobs()
+
     async def job(self, job_id: str) -> dict[str, object] | None:
         job = self._jobs.get(job_id)
         return job.public() if job else None
@@ -459,7 +568,7 @@ class EmbeddedBackend:
         if job is None or results is None:
             return None
         matrix = None
-        if job.matrix_ids and job.status == "succeeded":  # finished: the thread reads arrays no one writes
+        if isinstance(results, JobResults) and job.matrix_ids and job.status == "succeeded":  # no one writes now
             matrix = await asyncio.to_thread(matrix_document, job.matrix_ids, results.rows())
         conditioning = results.info.conditioning.as_dict()
         return {**job.public(), "conditioning_parameters": conditioning}, results.rows(), matrix

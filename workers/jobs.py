@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from codelen.datasets import Dataset
 from codelen.scores import PairLengths, score_document
 from models.protocol import ModelInfo
+from workers.compute import FIT, ClassifyTask
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -41,6 +43,52 @@ class JobSpec:
     fingerprint: str = ""  # hash of the request body, for Idempotency-Key reuse checks
     mode: str = "context"  # conditioning (models/conditioning.py)
     direction: str = "both"  # or "y_given_x": C(X|Y) is not computed
+
+
+@dataclass
+class ClassifySpec:
+    """A classifier job: `fit` the classifier of `definition` (total: its examples), or `predict`
+    `texts` with it, `chunk` texts per task (workers/classifying.py)."""
+
+    kind: str  # "fit" | "predict"
+    definition: dict  # id, model, method, options, examples (the embedded engine runs from it)
+    texts: list[str] = field(default_factory=list)
+    chunk: int = 16
+    fingerprint: str = ""
+    mode: str = "context"
+    direction: str = "both"
+
+    @property
+    def model(self) -> str:
+        return self.definition["model"]
+
+    @property
+    def classifier(self) -> str:
+        return self.definition["id"]
+
+    @property
+    def total(self) -> int:
+        return len(self.definition["examples"]) if self.kind == "fit" else len(self.texts)
+
+    def tasks(self, job_id: str) -> list[ClassifyTask]:
+        """The job's tasks: one fit, or one per chunk of texts."""
+        if self.kind == "fit":
+            return [ClassifyTask(self.model, self.classifier, job_id, FIT, self.total)]
+        n, size = len(self.texts), self.chunk
+        return [ClassifyTask(self.model, self.classifier, job_id, i, min(size, n - i)) for i in range(0, n, size)]
+
+
+def classify_rows(kind: str, classifier: str, tasks: list[ClassifyTask], values: list[object]) -> Iterator[dict]:
+    """A classifier job's result rows from its tasks' values (None: not finished): a fit's one row
+    {"classifier", "fitted"}, a prediction's {"index", "label", "scores", "bits"?} per text, in order."""
+    for t, value in zip(tasks, values, strict=True):
+        if value is None:
+            continue
+        if kind == "fit":
+            yield {"classifier": classifier, **value}  # type: ignore[dict-item]
+        else:
+            for i, p in enumerate(value):  # type: ignore[arg-type]
+                yield {"index": t.start + i, **p}
 
 
 def new_job_id() -> str:
@@ -99,9 +147,10 @@ class JobState:
     direction: str = "both"
     tokens_done: int = 0  # tokens coded in batches that ran this job's tasks
     tokens_total: int = 0  # tokens of those batches, counted when each starts
+    classifier: str | None = None  # a classifier job's classifier
 
     def public(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "id": self.id,
             "status": self.status,
             "model": self.model,
@@ -118,6 +167,9 @@ class JobState:
             "finished_at": self.finished_at,
             "error": self.error,
         }
+        if self.classifier is not None:
+            out["classifier"] = self.classifier
+        return out
 
 
 class Unavailable(RuntimeError):

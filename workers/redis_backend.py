@@ -31,15 +31,17 @@ from codelen.settings import Settings
 from models.protocol import ModelInfo
 from models.registry import ModelUnavailable, Registry
 from workers import redis_state
-from workers.compute import Task, pair_tasks
+from workers.compute import FIT, ClassifyTask, Task, pair_tasks
 from workers.embedded import TaskFailed
 from workers.jobs import (
+    ClassifySpec,
     JobConflict,
     JobSpec,
     Overloaded,
     PairSpec,
     TooLarge,
     Unavailable,
+    classify_rows,
     matrix_document,
     new_job_id,
     pair_result,
@@ -185,7 +187,7 @@ class RedisBackend:
     # -- jobs -------------------------------------------------------------------------------
 
     @redis_errors_unavailable
-    async def submit(self, spec: JobSpec, idempotency_key: str | None) -> dict[str, object]:
+    async def submit(self, spec: JobSpec | ClassifySpec, idempotency_key: str | None) -> dict[str, object]:
         if not idempotency_key:
             return await self._create(spec, await self.model_info(spec.model, spec.mode))
         digest = hashlib.sha256(idempotency_key.encode()).hexdigest()
@@ -199,7 +201,7 @@ class RedisBackend:
             await self.redis.delete(idem)  # nothing was created under this key
             raise
 
-    async def _existing(self, idem: str, spec: JobSpec) -> dict[str, object]:
+    async def _existing(self, idem: str, spec: JobSpec | ClassifySpec) -> dict[str, object]:
         """The job an Idempotency-Key already names (its creation may still be under way)."""
         for _ in range(200):
             raw = await self.redis.get(idem)
@@ -215,11 +217,13 @@ class RedisBackend:
         raise Unavailable("the job for this Idempotency-Key is still being created; retry")
 
     async def _create(
-        self, spec: JobSpec, info: ModelInfo, job_id: str | None = None, idem: str | None = None
+        self, spec: JobSpec | ClassifySpec, info: ModelInfo, job_id: str | None = None, idem: str | None = None
     ) -> dict[str, object]:
         """Record the job, copy the cached values, enqueue the missing tasks: one transaction."""
         s = self.settings
         job_id = job_id or new_job_id()
+        if isinstance(spec, ClassifySpec):
+            return await self._create_classify(spec, info, job_id, idem)
         ns = info.cache_namespace
         tasks: dict[str, Task] = {}  # task id → task, each once per job
         pair_tids: list[list[str]] = []
@@ -244,15 +248,8 @@ class RedisBackend:
                 if v is not None:
                     cached[tid] = v
         missing = [tid for tid in order if tid not in cached]
-        if len(missing) > s.max_queue_items:
-            raise TooLarge(
-                f"this request needs {len(missing)} code lengths computed; the queue holds at most "
-                f"{s.max_queue_items} (CODELEN_MAX_QUEUE_ITEMS): send it in parts"
-            )
-        if missing:
-            depth = await self._queue_depth()
-            if depth + len(missing) > s.max_queue_items:
-                raise Overloaded(f"queue holds {depth} tasks; this job needs {len(missing)} more")
+        if missing:  # 413 if it could never fit, else 429 while the queue is too deep
+            self._admit(len(missing), 0 if len(missing) > s.max_queue_items else await self._queue_depth())
         self.metrics.cache.labels("hit").inc(len(cached))
         self.metrics.cache.labels("miss").inc(len(missing))
 
@@ -317,6 +314,66 @@ class RedisBackend:
             self.metrics.jobs.labels("succeeded").inc()
         return redis_state.job_state(record | {"total": str(total), "done": str(done)}).public()
 
+    def _admit(self, needed: int, depth: int) -> None:
+        s = self.settings
+        if needed > s.max_queue_items:
+            raise TooLarge(
+                f"this request needs {needed} tasks queued; the queue holds at most "
+                f"{s.max_queue_items} (CODELEN_MAX_QUEUE_ITEMS): send it in parts"
+            )
+        if depth + needed > s.max_queue_items:
+            raise Overloaded(f"queue holds {depth} tasks; this job needs {needed} more")
+
+    async def _create_classify(
+        self, spec: ClassifySpec, info: ModelInfo, job_id: str, idem: str | None
+    ) -> dict[str, object]:
+        """A classifier job: its record, its texts (the `pairs` list) and one stream entry per task;
+        each text waits for its chunk's task, so `done` counts texts (a fit: all examples at once).
+        The workers read the classifier's definition from the classifier store (keys.classifier)."""
+        s = self.settings
+        tasks = spec.tasks(job_id)
+        self._admit(len(tasks), await self._queue_depth())
+        now = time.time()
+        record = {
+            "id": job_id,
+            "model": spec.model,
+            "kind": spec.kind,
+            "mode": spec.mode,
+            "direction": spec.direction,
+            "status": "queued",
+            "total": spec.total,
+            "done": 0,
+            "created_at": repr(now),
+            "info": redis_state.info_to_json(info),
+            "ns": info.cache_namespace,
+            "classifier": spec.classifier,
+            "chunk": spec.chunk,
+        }
+        if idem:
+            record["idem"] = idem
+        job_keys = keys.job_keys(job_id)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(job_keys[0], mapping=record)
+        for i in range(0, len(spec.texts), CHUNK):
+            pipe.rpush(job_keys[1], *spec.texts[i : i + CHUNK])
+        first = {t: max(t.start, 0) for t in tasks}  # the fit waits for examples 0..n-1
+        waiting = {redis_state.task_id(t): ",".join(str(first[t] + i) for i in range(t.count)) for t in tasks}
+        pipe.hset(job_keys[3], mapping=waiting)
+        for i in range(0, spec.total, CHUNK):
+            pipe.hset(job_keys[4], mapping={str(k): 1 for k in range(i, min(spec.total, i + CHUNK))})
+        for key in job_keys:
+            pipe.expire(key, s.job_ttl_s)
+        stream = keys.stream(spec.model)
+        for t in tasks:
+            chunk = spec.texts[t.start : t.start + t.count] if t.start != FIT else []
+            cost = sum(len(x.encode("utf-8", "surrogatepass")) for x in chunk)
+            fields = redis_state.entry_fields(job_id, info.cache_namespace, t, cost)
+            pipe.xadd(stream, fields, maxlen=s.stream_max_len, approximate=True)
+        await pipe.execute()
+        self._depth += len(tasks)
+        self.metrics.queue_depth.set(self._depth)
+        return redis_state.job_state({k: str(v) for k, v in record.items()}).public()
+
     @redis_errors_unavailable
     async def job(self, job_id: str) -> dict[str, object] | None:
         record = await self.redis.hgetall(keys.job(job_id))
@@ -325,6 +382,9 @@ class RedisBackend:
     @redis_errors_unavailable
     async def results(self, job_id: str) -> tuple[dict[str, object], Iterator[dict], dict | None] | None:
         """Rows built as they are read (the route streams them); a matrix built in a thread."""
+        kind = await self.redis.hget(keys.job(job_id), "kind")
+        if kind in ("fit", "predict"):
+            return await self._classify_results(job_id)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hgetall(keys.job(job_id))
         pipe.lrange(keys.job_pairs(job_id), 0, -1)
@@ -349,6 +409,24 @@ class RedisBackend:
         if job.matrix_ids and job.status == "succeeded":
             matrix = await asyncio.to_thread(matrix_document, job.matrix_ids, rows())
         return {**job.public(), "conditioning_parameters": info.conditioning.as_dict()}, rows(), matrix
+
+    async def _classify_results(self, job_id: str) -> tuple[dict[str, object], Iterator[dict], None] | None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hgetall(keys.job(job_id))
+        pipe.hgetall(keys.job_values(job_id))
+        record, values = await pipe.execute()
+        if not record:
+            return None
+        job = redis_state.job_state(record)
+        info = redis_state.info_from_json(record["info"])
+        total, chunk, cid = job.total, int(record.get("chunk", 16)), record["classifier"]
+        if job.kind == "fit":
+            tasks = [ClassifyTask(job.model, cid, job_id, FIT, total)]
+        else:
+            tasks = [ClassifyTask(job.model, cid, job_id, i, min(chunk, total - i)) for i in range(0, total, chunk)]
+        found = [values.get(redis_state.task_id(t)) for t in tasks]
+        rows = classify_rows(job.kind, cid, tasks, [None if v is None else json.loads(v) for v in found])
+        return {**job.public(), "conditioning_parameters": info.conditioning.as_dict()}, rows, None
 
     @redis_errors_unavailable
     async def cancel(self, job_id: str) -> dict[str, object] | None:

@@ -23,7 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from codelen import keys
 from codelen.settings import Settings
 from models.protocol import CONTEXT, Conditioning, ModelInfo, WindowPolicy
-from workers.compute import Task
+from workers.compute import ClassifyTask, Task
 from workers.jobs import JobState
 
 # KEYS: job keys (5), stream.  ARGV: group, entry id, task id, bits, now, job ttl
@@ -108,8 +108,10 @@ def out_of_memory(exc: ResponseError) -> bool:
     return str(exc).startswith("OOM")
 
 
-def task_id(task: Task) -> str:
+def task_id(task: Task | ClassifyTask) -> str:
     """A task's name inside one job (the job fixes the model and its revision)."""
+    if isinstance(task, ClassifyTask):
+        return task.tid
     return task.hx if task.hy is None else f"{task.hx}>{task.hy}"
 
 
@@ -122,7 +124,7 @@ class Entry:
     id: str
     job: str
     ns: str
-    task: Task
+    task: Task | ClassifyTask
     cost: int
 
     @property
@@ -130,7 +132,19 @@ class Entry:
         return keys.stream(self.task.model)
 
 
-def entry_fields(job_id: str, ns: str, task: Task, cost: int) -> dict[str, str]:
+def entry_fields(job_id: str, ns: str, task: Task | ClassifyTask, cost: int) -> dict[str, str]:
+    if isinstance(task, ClassifyTask):
+        return {
+            "job": job_id,
+            "model": task.model,
+            "mode": task.mode,
+            "ns": ns,
+            "kind": "classify",
+            "classifier": task.classifier,
+            "start": str(task.start),
+            "count": str(task.count),
+            "bytes": str(cost),
+        }
     return {
         "job": job_id,
         "model": task.model,
@@ -144,6 +158,13 @@ def entry_fields(job_id: str, ns: str, task: Task, cost: int) -> dict[str, str]:
 
 def parse_entry(entry_id: str, fields: dict[str, str]) -> Entry:
     """Raises KeyError/ValueError for an entry that is not ours (the worker dead-letters it)."""
+    if fields.get("kind") == "classify":
+        if not keys.is_job_id(fields["job"]):
+            raise ValueError(f"bad job id in {fields}")
+        keys.classifier(fields["classifier"])  # UnknownId (a LookupError) for a name we never issue
+        start, count = int(fields["start"]), int(fields["count"])
+        ctask = ClassifyTask(fields["model"], fields["classifier"], fields["job"], start, count)
+        return Entry(entry_id, fields["job"], fields["ns"], ctask, int(fields.get("bytes", 0)))
     hx, hy = fields["hx"], fields.get("hy") or None
     if len(hx) != 64 or (hy is not None and len(hy) != 64):
         raise ValueError(f"bad sha256 in {fields}")
@@ -196,6 +217,7 @@ def job_state(record: dict[str, str]) -> JobState:
         direction=record.get("direction") or "both",
         tokens_done=int(record.get("tokens_done", 0)),
         tokens_total=int(record.get("tokens_total", 0)),
+        classifier=record.get("classifier") or None,
     )
 
 

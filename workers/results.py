@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
 import math
 import sys
 from array import array
@@ -18,7 +19,8 @@ from collections.abc import Callable, Iterator
 from codelen.datasets import Dataset
 from codelen.scores import PairLengths
 from models.protocol import ModelInfo
-from workers.jobs import PairSpec, pair_result
+from workers.compute import ClassifyTask
+from workers.jobs import PairSpec, classify_rows, pair_result
 
 
 class JobResults:
@@ -66,6 +68,24 @@ class JobResults:
             pair = PairSpec(pair_id, Dataset("", "", self._sizes[2 * k], 0), Dataset("", "", self._sizes[2 * k + 1], 0))
             lengths = PairLengths(x, y, y_given_x, None if math.isnan(x_given_y) else x_given_y)
             yield pair_result(self.info, pair, lengths)
+
+
+class ClassifyResults:
+    """The values of a classifier job's finished tasks (a fit's choice, each chunk's predictions),
+    in task order; `nbytes` is their JSON size, what the byte bound of finished jobs counts."""
+
+    def __init__(self, info: ModelInfo, kind: str, classifier: str, tasks: list[ClassifyTask]) -> None:
+        self.info, self.kind, self.classifier, self.tasks = info, kind, classifier, tasks
+        self.n = sum(t.count for t in tasks)
+        self._values: list[object] = [None] * len(tasks)
+        self.nbytes = 0
+
+    def set(self, k: int, value: object) -> None:
+        self._values[k] = value
+        self.nbytes += len(json.dumps(value))
+
+    def rows(self) -> Iterator[dict]:
+        return classify_rows(self.kind, self.classifier, self.tasks, self._values)
 
 
 def _malloc_trim() -> Callable[[int], int] | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -33,13 +34,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from classify.caching import caching
 from codelen import keys
 from codelen.metrics import Metrics
 from codelen.settings import Settings
 from models.protocol import Compressor, Progress, UnsupportedMode
 from models.registry import Registry
 from workers import redis_state
-from workers.compute import SymbolCache, Task, run_tasks_isolating
+from workers.classifying import FittedClassifiers, RedisBlobs, run_classify
+from workers.compute import FIT, ClassifyTask, SymbolCache, Task, run_tasks_isolating
 from workers.redis_state import Entry
 
 log = logging.getLogger("codelen.worker")
@@ -67,6 +70,8 @@ class Worker:
         self._tokens = self.redis.register_script(redis_state.PROGRESS)
         self._compressors: dict[str, Compressor] = {}
         self._symbols = SymbolCache()
+        self._fitted = FittedClassifiers(settings.fitted_classifiers)
+        self._blobs: RedisBlobs | None = None  # set in run(): it needs the running loop
         self._held: dict[str, Entry] = {}  # read, not yet acknowledged
         self._stopping = asyncio.Event()
         self._next_reclaim = 0.0
@@ -99,6 +104,8 @@ class Worker:
             if self._stopping.is_set():  # stopped while loading: nothing was read yet
                 await self.redis.aclose()
                 return
+        loop, ttl = asyncio.get_running_loop(), self.settings.cache_ttl_s
+        self._blobs = RedisBlobs(self.cache, loop, ttl, self.metrics.classify_values)
         await self._retrying(self._announce)
         log.info("worker %s serving %s", self.name, ", ".join(self._compressors))
         heartbeat = asyncio.create_task(self._heartbeat(), name="codelen-heartbeat")
@@ -244,7 +251,7 @@ class Worker:
             for entry_id, fields in messages:
                 try:
                     entry = redis_state.parse_entry(entry_id, fields)
-                except (KeyError, ValueError) as exc:
+                except (LookupError, ValueError) as exc:
                     await self._dead(_stream, entry_id, fields, f"malformed stream entry: {exc!r}")
                     continue
                 self._held[entry.id] = entry
@@ -309,6 +316,18 @@ class Worker:
 
     async def _process(self, batch: list[Entry]) -> None:
         started = time.perf_counter()
+        scores = [e for e in batch if isinstance(e.task, Task)]
+        classify = [e for e in batch if isinstance(e.task, ClassifyTask)]
+        if scores:
+            await self._process_scores(scores)
+        if classify:
+            await self._process_classify(classify)
+        self._count("batches", 1)
+        self.metrics.batch_size.observe(len(batch))
+        self.metrics.stage.labels("batch").observe(time.perf_counter() - started)
+        log.debug("batch of %d in %.3f s", len(batch), time.perf_counter() - started)
+
+    async def _process_scores(self, batch: list[Entry]) -> None:
         try:
             live, values, texts = await self._retrying(lambda: self._prepare(batch))
         except Exception:
@@ -348,16 +367,90 @@ class Worker:
                         errors[e.id] = broken[task]
             self._count("computed", len(got))
         values.update(computed)
+        recorded = {e.id: repr(values[e.task.key(e.ns)]) for e in live if e.task.key(e.ns) in values}
+        await self._finish(batch, live, recorded, computed, failed, errors)
+
+    async def _finish(
+        self,
+        batch: list[Entry],
+        live: list[Entry],
+        recorded: dict[str, str],
+        computed: dict[str, float],
+        failed: dict[str, str],
+        errors: dict[str, str],
+    ) -> None:
         for entry_id, reason in errors.items():
             log.warning("entry %s failed: %s", entry_id, reason)
         try:
-            await self._retrying(lambda: self._write(batch, live, values, computed, failed, errors))
+            await self._retrying(lambda: self._write(batch, live, recorded, computed, failed, errors))
         finally:
             self._release(batch)
-        self._count("batches", 1)
-        self.metrics.batch_size.observe(len(batch))
-        self.metrics.stage.labels("batch").observe(time.perf_counter() - started)
-        log.debug("batch of %d in %.3f s", len(batch), time.perf_counter() - started)
+
+    async def _process_classify(self, batch: list[Entry]) -> None:
+        """Classify tasks (workers/classifying.py), grouped by classifier: each group runs as one
+        prediction on the classifier fitted in this process, its model passes cached in Redis."""
+        try:
+            live, definitions, texts = await self._retrying(lambda: self._prepare_classify(batch))
+        except Exception:
+            log.exception("could not prepare a batch; its entries will be redelivered")
+            self._release(batch)
+            return
+        failed: dict[str, str] = {}
+        errors: dict[str, str] = {}
+        recorded: dict[str, str] = {}
+        groups: dict[str, list[Entry]] = {}
+        for e in live:
+            task = e.task
+            assert isinstance(task, ClassifyTask)
+            compressor = self._compressors.get(task.model)
+            if definitions.get(task.classifier) is None:
+                failed[e.id] = f"classifier {task.classifier!r} is gone (deleted or expired)"
+            elif compressor is None or e.ns != compressor.info.cache_namespace:
+                failed[e.id] = f"queued for {e.ns}, which this worker does not serve (the model changed; resubmit)"
+            elif e.id not in texts:
+                failed[e.id] = "the job's texts are gone from Redis (expired); resubmit the job"
+            else:
+                groups.setdefault(task.classifier, []).append(e)
+        for cid, entries in groups.items():
+            compressor = self._compressors[entries[0].task.model]
+            items = [(e.task, texts[e.id]) for e in entries]
+            try:
+                got, bad = await asyncio.to_thread(
+                    run_classify, self._fitted, definitions[cid], lambda c=compressor: caching(c, self._blobs), items
+                )
+            except Exception as exc:  # the model or Redis, not the input: left pending, retried
+                for e in entries:
+                    errors[e.id] = f"{type(exc).__name__}: {exc}"
+                continue
+            for e in entries:
+                if e.task in bad:
+                    failed[e.id] = bad[e.task]  # type: ignore[index]
+                else:
+                    recorded[e.id] = json.dumps(got[e.task])  # type: ignore[index]
+            self._count("computed", len(got))
+        await self._finish(batch, live, recorded, {}, failed, errors)
+
+    async def _prepare_classify(self, batch: list[Entry]) -> tuple[list[Entry], dict[str, dict | None], dict]:
+        """Entries whose job still wants them, the definitions of their classifiers, the texts of
+        each entry (entry id → its chunk; a fit's: [])."""
+        jobs = sorted({e.job for e in batch})
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in jobs:
+            pipe.hget(keys.job(job_id), "status")
+        status = dict(zip(jobs, await pipe.execute(), strict=True))
+        live = [e for e in batch if status[e.job] in ("queued", "running")]
+        cids = sorted({e.task.classifier for e in live})  # type: ignore[union-attr]
+        raw = await self.redis.mget([keys.classifier(c) for c in cids]) if cids else []
+        definitions = {c: None if r is None else json.loads(r) for c, r in zip(cids, raw, strict=True)}
+        pipe = self.redis.pipeline(transaction=False)
+        chunks = [e for e in live if e.task.start != FIT]  # type: ignore[union-attr]
+        for e in chunks:
+            pipe.lrange(keys.job_pairs(e.job), e.task.start, e.task.start + e.task.count - 1)  # type: ignore[union-attr]
+        texts: dict[str, list[str]] = {e.id: [] for e in live if e.task.start == FIT}  # type: ignore[union-attr]
+        for e, got in zip(chunks, await pipe.execute() if chunks else [], strict=True):
+            if len(got) == e.task.count:  # type: ignore[union-attr]
+                texts[e.id] = got
+        return live, definitions, texts
 
     def _release(self, batch: list[Entry]) -> None:
         for e in batch:
@@ -456,11 +549,13 @@ class Worker:
         self,
         batch: list[Entry],
         live: list[Entry],
-        values: dict[str, float],
+        recorded: dict[str, str],
         computed: dict[str, float],
         failed: dict[str, str],
         errors: dict[str, str],
     ) -> None:
+        """Cache `computed` (key → bits), then per entry: RECORD its value (`recorded`, entry id →
+        the value as stored in the job), dead-letter it (`failed`), or note its error (`errors`)."""
         s = self.settings
         now = repr(time.time())
         if computed:  # the cache first: a value is never recorded in a job before it is cached
@@ -480,8 +575,7 @@ class Worker:
             elif e.id in errors:
                 pipe.set(keys.item_error(e.id), errors[e.id], ex=s.job_ttl_s)
             else:
-                bits = values[e.task.key(e.ns)]
-                args = [keys.GROUP, e.id, redis_state.task_id(e.task), repr(bits), now, s.job_ttl_s]
+                args = [keys.GROUP, e.id, redis_state.task_id(e.task), recorded[e.id], now, s.job_ttl_s]
                 await self._record(keys=[*keys.job_keys(e.job), e.stream], args=args, client=pipe)
         await pipe.execute()
         self._count("dead", len(failed))

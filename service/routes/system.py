@@ -33,11 +33,17 @@ async def healthz() -> dict:
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
     ok, detail = await backend_of(request).ready()
-    return JSONResponse({"status": "ready" if ok else "not ready", "detail": detail}, status_code=200 if ok else 503)
+    # which models this process holds: none in distributed mode, where only the workers load them
+    held = request.app.state.registry.loaded_ids()
+    doc = {"status": "ready" if ok else "not ready", "detail": detail, "models_loaded": held}
+    return JSONResponse(doc, status_code=200 if ok else 503)
 
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     backend = backend_of(request)
-    request.app.state.metrics.queue_depth.set(backend.queue_depth())
-    return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
+    metrics = request.app.state.metrics
+    metrics.queue_depth.set(backend.queue_depth())
+    for model_id in request.app.state.registry.ids():
+        metrics.models_loaded.labels(model_id).set(int(request.app.state.registry.loaded(model_id)))
+    return Response(metrics.render(), media_type="text/plain; version=0.0.4")

@@ -46,6 +46,15 @@ class ClassifierInfo(BaseModel):
     fitted: dict[str, Any] | None = Field(
         default=None, description="what the fit chose, for methods that choose (probe: weight decay, CV accuracies)"
     )
+    status: Literal["fitting", "ready", "failed"] = Field(
+        default="ready", description="fitting while its fit job runs (GET /v1/jobs/{fit_job}); failed: see error"
+    )
+    fit_job: str | None = Field(default=None, description="the job that fits it, in /v1/jobs")
+    error: str | None = Field(default=None, description="only when failed: why the fit failed")
+
+
+class ClassifierPending(ClassifierInfo):
+    job: dict[str, Any] = Field(description="the fit job (as GET /v1/jobs/{id}), still queued or running")
 
 
 class PredictRequest(_Strict):
@@ -68,18 +77,18 @@ class PredictResponse(BaseModel):
 
 
 class PredictionJob(BaseModel):
+    """A prediction job in the shape this route always had; the same job, by the same id, is in
+    /v1/jobs (status, progress, results as JSON or JSON lines, DELETE cancels)."""
+
     id: str
     classifier: str
-    status: Literal["queued", "running", "succeeded", "failed"] = Field(
-        description=(
-            "a queued or running job whose updated_at is older than 6 heartbeats lost its process: with Redis "
-            "the next GET resumes it from its last saved predictions (at most 3 times); in memory it reads as failed"
-        )
-    )
-    done: int = Field(description="texts predicted so far")
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    done: int = Field(description="texts predicted so far (progress.done)")
     total: int
-    resumes: int = Field(default=0, description="times the job was resumed after its process stopped")
+    resumes: int = Field(default=0, description="always 0: a dead worker's chunks are reclaimed by another worker")
     created_at: float
-    updated_at: float = Field(description="last progress or heartbeat (every CODELEN_PREDICTION_HEARTBEAT_S)")
+    updated_at: float = Field(description="when it finished, else the time of this answer")
+    kind: Literal["predict"] = "predict"
+    progress: dict[str, int] = Field(description="as GET /v1/jobs/{id}: done, total (texts), tokens_done, tokens_total")
     error: str | None = Field(default=None, description="only when failed")
     predictions: list[PredictionOut] | None = Field(default=None, description="only when succeeded, in input order")
