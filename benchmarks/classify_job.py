@@ -64,9 +64,12 @@ def main() -> int:
             }
             t0 = time.perf_counter()
             r = api.post("/v1/classifiers", json=body)
-            create_s = time.perf_counter() - t0
             r.raise_for_status()
             cid = r.json()["id"]
+            while r.json()["status"] == "fitting":  # 202: the fit outlasted the wait
+                time.sleep(2)
+                r = api.get(f"/v1/classifiers/{cid}")
+            create_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             r = api.post(f"/v1/classifiers/{cid}/predictions", json={"texts": texts})
             r.raise_for_status()
@@ -74,7 +77,7 @@ def main() -> int:
             while True:
                 job = api.get(location).json()
                 print(f"\r  {job['status']} {job['done']}/{job['total']}", end="", file=sys.stderr, flush=True)
-                if job["status"] in ("succeeded", "failed"):
+                if job["status"] in ("succeeded", "failed", "cancelled"):
                     break
                 time.sleep(2)
             job_s = time.perf_counter() - t0
