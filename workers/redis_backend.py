@@ -314,11 +314,12 @@ class RedisBackend:
             self.metrics.jobs.labels("succeeded").inc()
         return redis_state.job_state(record | {"total": str(total), "done": str(done)}).public()
 
-    def _admit(self, needed: int, depth: int) -> None:
+    def _admit(self, needed: int, depth: int, what: str = "code lengths computed") -> None:
+        """413 if `needed` queue items could never fit, 429 while the queue is too deep for them."""
         s = self.settings
         if needed > s.max_queue_items:
             raise TooLarge(
-                f"this request needs {needed} tasks queued; the queue holds at most "
+                f"this request needs {needed} {what}; the queue holds at most "
                 f"{s.max_queue_items} (CODELEN_MAX_QUEUE_ITEMS): send it in parts"
             )
         if depth + needed > s.max_queue_items:
@@ -332,7 +333,7 @@ class RedisBackend:
         The workers read the classifier's definition from the classifier store (keys.classifier)."""
         s = self.settings
         tasks = spec.tasks(job_id)
-        self._admit(len(tasks), await self._queue_depth())
+        self._admit(len(tasks), await self._queue_depth(), f"tasks queued ({spec.chunk} texts each)")
         now = time.time()
         record = {
             "id": job_id,
