@@ -150,7 +150,7 @@ class JobState:
     classifier: str | None = None  # a classifier job's classifier
 
     def public(self) -> dict[str, object]:
-        out: dict[str, object] = {
+        return {
             "id": self.id,
             "status": self.status,
             "model": self.model,
@@ -166,10 +166,8 @@ class JobState:
             "created_at": self.created_at,
             "finished_at": self.finished_at,
             "error": self.error,
+            "classifier": self.classifier,  # a classifier job's (fit, predict); None for score jobs
         }
-        if self.classifier is not None:
-            out["classifier"] = self.classifier
-        return out
 
 
 class Unavailable(RuntimeError):

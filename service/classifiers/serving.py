@@ -224,7 +224,8 @@ class ClassifierService:
         if record is None:
             raise NotFound(f"no classifier {classifier_id!r} (unknown, deleted, or expired)")
         if record.get("status") == "fitting":
-            record = await self._settle(record, await self.backend.job(record["job"]))
+            job = await self.backend.job(record["job"]) if record.get("job") else None
+            record = await self._settle(record, job)
         return record
 
     async def delete(self, classifier_id: str) -> dict:
