@@ -139,7 +139,7 @@ class RedisStore:
     persistent = True
 
     def __init__(self, url: str, ttl_s: int, job_ttl_s: int = 7 * 24 * 3600) -> None:
-        from workers.redis_state import connect
+        from codelen.redis_client import connect
 
         self._redis = connect(url)  # the retrying client the backend uses: rides over a Redis restart
         self._ttl = ttl_s
