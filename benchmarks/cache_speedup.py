@@ -11,14 +11,17 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from datetime import date
+from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.servers import service  # noqa: E402
 
 PARAGRAPHS = [
     "The committee met on Tuesday to review the proposal for the new library. After two hours of "
@@ -37,66 +40,38 @@ PARAGRAPHS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="smollm2-135m,gemma3-270m,gzip")
     ap.add_argument("--repeat", type=int, default=20)
     args = ap.parse_args()
     models = args.models.split(",")
-    port = free_port()
-    env = {
-        **os.environ,
-        "CODELEN_MODELS": args.models,
-        "CODELEN_PRELOAD": args.models,
-        "CODELEN_DEFAULT_MODEL": models[0],
-    }
-    server = subprocess.Popen(
-        [sys.executable, "-m", "codelen.cli", "serve", "--port", str(port), "--log-level", "warning"], env=env
-    )
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as http:
-            deadline = time.monotonic() + 600
-            while True:
-                try:
-                    if http.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit("server did not become ready")
-                time.sleep(0.2)
-            cpu = platform.processor() or platform.machine()
-            print(f"# {date.today()} · {cpu} · {os.cpu_count()} cores · embedded mode")
-            print("| model | first answer (s) | cached, median (ms) | speed-up | bits/byte x | NCD(x,x) | NCD(x,z) |")
-            print("|---|---|---|---|---|---|---|")
-            for model in models:
-                x, z = PARAGRAPHS[0], PARAGRAPHS[2]
-                body = {"x": x, "y": PARAGRAPHS[1], "model": model}
+    # inherit: a CODELEN_DEVICE or CODELEN_WEIGHTS_CACHE_DIR of this shell applies to the server
+    server = service(models=args.models, preload=args.models, inherit=True, timeout=600)
+    with server as svc, httpx.Client(base_url=svc.url, timeout=600) as http:
+        cpu = platform.processor() or platform.machine()
+        print(f"# {date.today()} · {cpu} · {os.cpu_count()} cores · embedded mode")
+        print("| model | first answer (s) | cached, median (ms) | speed-up | bits/byte x | NCD(x,x) | NCD(x,z) |")
+        print("|---|---|---|---|---|---|---|")
+        for model in models:
+            x, z = PARAGRAPHS[0], PARAGRAPHS[2]
+            body = {"x": x, "y": PARAGRAPHS[1], "model": model}
+            t = time.perf_counter()
+            first = http.post("/v1/score", json=body)
+            first_s = time.perf_counter() - t
+            assert first.status_code == 200 and not first.json()["cached"], first.text
+            cached = []
+            for _ in range(args.repeat):
                 t = time.perf_counter()
-                first = http.post("/v1/score", json=body)
-                first_s = time.perf_counter() - t
-                assert first.status_code == 200 and not first.json()["cached"], first.text
-                cached = []
-                for _ in range(args.repeat):
-                    t = time.perf_counter()
-                    r = http.post("/v1/score", json=body)
-                    cached.append(time.perf_counter() - t)
-                    assert r.json()["cached"] is True
-                med = statistics.median(cached)
-                same = http.post("/v1/score", json={"x": x, "y": x, "model": model}).json()["ncd"]
-                far = http.post("/v1/score", json={"x": x, "y": z, "model": model}).json()["ncd"]
-                bpb = first.json()["bits_per_byte"]["x"]
-                cells = [model, f"{first_s:.3f}", f"{med * 1000:.2f}", f"{first_s / med:.0f}×", f"{bpb:.3f}"]
-                print("| " + " | ".join([*cells, f"{same:.3f}", f"{far:.3f}"]) + " |")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+                r = http.post("/v1/score", json=body)
+                cached.append(time.perf_counter() - t)
+                assert r.json()["cached"] is True
+            med = statistics.median(cached)
+            same = http.post("/v1/score", json={"x": x, "y": x, "model": model}).json()["ncd"]
+            far = http.post("/v1/score", json={"x": x, "y": z, "model": model}).json()["ncd"]
+            bpb = first.json()["bits_per_byte"]["x"]
+            cells = [model, f"{first_s:.3f}", f"{med * 1000:.2f}", f"{first_s / med:.0f}×", f"{bpb:.3f}"]
+            print("| " + " | ".join([*cells, f"{same:.3f}", f"{far:.3f}"]) + " |")
     return 0
 
 

@@ -21,14 +21,13 @@ import platform
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.http_load import _process, _wait_http, free_port  # noqa: E402
+from benchmarks.servers import service  # noqa: E402
 from classify.data import load_examples, split  # noqa: E402
 
 
@@ -47,15 +46,10 @@ def main() -> int:
     sp = split(load_examples(args.data, text_col=args.text_col), args.train_per_class, args.test_per_class, args.seed)
     examples = [{"text": e.text, "label": e.label} for e in sp.train]
     texts, truth = [e.text for e in sp.test], [e.label for e in sp.test]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CODELEN_") and k != "REDIS_URL"}
-    env.update(CODELEN_MODELS=f"{args.model},gzip", CODELEN_DEFAULT_MODEL=args.model, CODELEN_PRELOAD=args.model)
-    with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        serve = [sys.executable, "-m", "codelen.cli", "serve", "--port", str(port), "--log-level", "warning"]
-        stack.enter_context(_process(serve, env, Path(tmp) / "api.log"))
-        _wait_http(url, "/healthz", timeout=300)
-        with httpx.Client(base_url=url, timeout=3600) as api:
+    models = f"{args.model},gzip"
+    with tempfile.TemporaryDirectory() as tmp:
+        server = service(models=models, preload=args.model, log_dir=Path(tmp), ready_path="/healthz", timeout=300)
+        with server as svc, httpx.Client(base_url=svc.url, timeout=3600) as api:
             body = {
                 "model": args.model,
                 "method": args.method,

@@ -5,6 +5,7 @@ with zstd and gzip in the same run (docs/BENCHMARKS.md, "Conditioning on a datas
     python benchmarks/conditioning.py similarity                       # 4 x 4 AG News classes
     python benchmarks/conditioning.py prequential --bytes 1000000      # bits/byte of a stream
     python benchmarks/conditioning.py speed --x-bytes 200000           # tokens/s and memory per mode
+    python benchmarks/conditioning.py similarity --data R8 --modes adapt --adapt replay=2   # a variant
 
 Data: AG News (`../shared/data/ag_news/test.csv`, or --data); the parameters of `memory` were fitted
 on R8 (benchmarks/conditioning_fit.py), not on this. Every number is computed through the
@@ -23,6 +24,7 @@ compressors the service runs (`models.registry`), on the device they pick (CPU h
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import random
@@ -39,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from classify.data import load_examples  # noqa: E402
 from codelen.datasets import RECORD_SEPARATOR  # noqa: E402
 from codelen.settings import Settings  # noqa: E402
-from models.conditioning import conditioned  # noqa: E402
+from models.conditioning import ADAPT, conditioned  # noqa: E402
 from models.protocol import Segment  # noqa: E402
 from models.registry import Registry  # noqa: E402
 
@@ -233,8 +235,18 @@ def main() -> int:
     ap.add_argument("--json", help="write the numbers here")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--random-weights", action="store_true", help="speed: the real shapes, random weights")
+    ap.add_argument(
+        "--adapt",
+        default="",
+        help="a variant of adapt's parameters to measure, e.g. 'replay=2' or 'lr=0.01,steps=1' (AdaptParams)",
+    )
     args = ap.parse_args()
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if args.adapt:
+        base = ADAPT[args.model]
+        pairs = (kv.split("=") for kv in args.adapt.split(","))
+        ADAPT[args.model] = dataclasses.replace(base, **{k: type(getattr(base, k))(v) for k, v in pairs})
+        print(f"# adapt variant: {ADAPT[args.model]}")
     models = ",".join([args.model, *CLASSICAL])
     registry = Registry(Settings(models=models, device=args.device, redis_url=None))
     result = {"containment": containment, "similarity": similarity, "prequential": prequential, "speed": speed}[

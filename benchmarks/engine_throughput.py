@@ -239,7 +239,7 @@ def uniform_256(comp: LMCompressor, device: str, quick: bool, seed: int = 2) -> 
     """ANCHORS' form of the HF baseline: equal 256-token sequences in padded batches of 256 rows (64
     for Gemma's vocabulary: the full fp32 log-softmax must fit), against the engine on the same
     sequences, in this run."""
-    vocab = comp._vocab
+    vocab = comp.head.vocab
     if device == "cuda":
         rows = min(256, (40 << 30) // (256 * vocab * 10))  # bf16 logits + fp32 copy + log-softmax
         batches = 4
@@ -264,7 +264,7 @@ def uniform_256(comp: LMCompressor, device: str, quick: bool, seed: int = 2) -> 
 
 def matrix(comp: LMCompressor, n: int, seed: int = 1) -> dict[str, object]:
     gen = torch.Generator().manual_seed(seed)
-    texts = [tuple(torch.randint(3, comp._vocab, (256,), generator=gen).tolist()) for _ in range(n)]
+    texts = [tuple(torch.randint(3, comp.head.vocab, (256,), generator=gen).tolist()) for _ in range(n)]
     segments = [Segment((), x) for x in texts]
     segments += [Segment(x, y) for i, x in enumerate(texts) for j, y in enumerate(texts) if i != j]
     pairs = n * (n - 1) // 2
@@ -274,7 +274,7 @@ def matrix(comp: LMCompressor, n: int, seed: int = 1) -> dict[str, object]:
         comp.prefix_reuse = reuse
         comp.score(warm)  # warm-up: first use of these shapes (and compilation on CUDA)
         comp.prefix_cache.clear()
-        seconds, bits = timed(lambda: comp.score(segments), comp._device.type)
+        seconds, bits = timed(lambda: comp.score(segments), comp.device.type)
         results[reuse] = (seconds, bits)
     comp.prefix_reuse = True
     plain, reused = results[False][1], results[True][1]
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     peak_flops = matmul_peak(device)
     comp = build(args.model, device, args.random_weights, args.batch_tokens)
     model, start = comp.model, comp.start_token_id
-    seqs, description = corpus(args.quick, device, comp._vocab)
+    seqs, description = corpus(args.quick, device, comp.head.vocab)
     lengths = [1 + len(s) for s in seqs]
     tokens = sum(lengths)
 
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         seq_time, seq_bits = timed(lambda: [hf_bits(model, [s], start, device)[0] for s in sequential], device)
         pad_time, pad_bits = timed(lambda: run_hf_padded(model, seqs, start, device), device)
 
-    default_packing, default_fused = comp.packing, comp._fused_head
+    default_packing, default_fused = comp.packing, comp.head.fused
     variants: dict[str, float] = {}
     engine_bits: list[torch.Tensor] = []
     engine_time = math.inf
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     if default_fused:
         layouts.append((default_packing, False))  # the chunked torch head instead of the fused kernel
     for packing, fused in layouts:
-        comp.packing, comp._fused_head = packing, fused
+        comp.packing, comp.head.fused = packing, fused
         comp.token_bits(seqs[:8])  # warm-up (and compilation on CUDA)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         variants[name if fused == default_fused else f"{name}, chunked head"] = tokens / seconds
         if (packing, fused) == (default_packing, default_fused):
             engine_time, engine_bits, engine_peak = seconds, bits, peak_memory(device)
-    comp.packing, comp._fused_head = default_packing, default_fused
+    comp.packing, comp.head.fused = default_packing, default_fused
     if args.profile:
         profile(comp, seqs, device, args.profile)
 
@@ -379,8 +379,8 @@ def main(argv: list[str] | None = None) -> int:
             "packing": default_packing,
             "batch_tokens": comp.batch_token_limit(),
             "compiled_body": comp._compiled_body is not None,
-            "mixed_precision_head": comp._head_mixed,
-            "fused_head": comp._fused_head,
+            "mixed_precision_head": comp.head.mixed,
+            "fused_head": comp.head.fused,
             "packed_prefix": comp.packed_prefix,
             "oom_splits": comp.oom_splits,
         },

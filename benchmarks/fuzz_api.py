@@ -20,24 +20,22 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import platform
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.servers import service  # noqa: E402
+
 CLASSICAL = "gzip,zlib,bz2,lzma,zstd"
 API_KEY = "fuzz-key-0123456789"
 SERVER_ERRORS = {"ServerError"}
@@ -45,66 +43,11 @@ SCHEMA_VIOLATIONS = {
     "JsonSchemaError", "MalformedJson", "UndefinedStatusCode", "UndefinedContentType", "MissingContentType",
     "MalformedMediaType", "MissingHeaders", "JsonSchemaHeaderError",
 }  # fmt: skip
+SETTINGS = {"CODELEN_SCORE_WAIT_S": "5"}
 CONFIG = """
 [checks.positive_data_acceptance]
 expected-statuses = ["2XX", "401", "403", "404", "409", "413", "422", "429"]
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def _process(cmd: list[str], env: dict[str, str], log: Path):
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            yield proc
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
-def _wait_ready(url: str, headers: dict[str, str], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/readyz", headers=headers, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url}/readyz did not answer 200 within {timeout} s")
-
-
-@contextmanager
-def service(mode: str, keys: bool, workdir: Path):
-    """Start the API (distributed: with Redis and one worker); yield its URL."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CODELEN_") and k != "REDIS_URL"}
-    env.update(CODELEN_MODELS=CLASSICAL, CODELEN_DEFAULT_MODEL="gzip", CODELEN_PRELOAD="", CODELEN_SCORE_WAIT_S="5")
-    with ExitStack() as stack:
-        if mode == "distributed":
-            redis_port = free_port()
-            redis_cmd = [shutil.which("redis-server") or "redis-server", "--port", str(redis_port),
-                         "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)]  # fmt: skip
-            stack.enter_context(_process(redis_cmd, env, workdir / "redis.log"))
-            env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
-            worker = [sys.executable, "-m", "codelen.cli", "worker", "--models", CLASSICAL]
-            stack.enter_context(_process(worker, env, workdir / "worker.log"))
-        if keys:
-            env["CODELEN_API_KEYS"] = hashlib.sha256(API_KEY.encode()).hexdigest()
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        serve = [sys.executable, "-m", "codelen.cli", "serve", "--port", str(port), "--log-level", "warning"]
-        stack.enter_context(_process(serve, env, workdir / f"api-{mode}-{keys}.log"))
-        _wait_ready(url, {"Authorization": f"Bearer {API_KEY}"} if keys else {})
-        yield url
 
 
 def fuzz(url: str, keys: bool, max_examples: int, workdir: Path, name: str) -> dict[str, object]:
@@ -173,8 +116,9 @@ def main() -> int:
                 name = f"{mode}-{'keys' if keys else 'open'}"
                 logs = workdir / name
                 logs.mkdir(exist_ok=True)
-                with service(mode, keys, logs) as url:
-                    row = fuzz(url, keys, args.max_examples, workdir, name)
+                api_key = API_KEY if keys else None
+                with service(mode, models=CLASSICAL, env=SETTINGS, api_key=api_key, log_dir=logs) as svc:
+                    row = fuzz(svc.url, keys, args.max_examples, workdir, name)
                 rows.append(row)
                 print(json.dumps(row) if args.json else
                       f"{name:20s} cases {row['cases']:6d}  server errors {row['server_errors']}  schema violations "

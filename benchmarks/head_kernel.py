@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models import fused_head  # noqa: E402
-from models.lm import HEAD_CHUNK_ELEMENTS, _chunk_bits  # noqa: E402
+from models.head import HEAD_CHUNK_ELEMENTS, chunk_bits  # noqa: E402
 
 SHAPES = {"smollm2-135m": (49152, 576), "gemma3-270m": (262144, 640)}
 
@@ -38,7 +38,7 @@ def chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, m
     for i in range(0, len(targets), rows):
         h = hidden[i : i + rows]
         logits = torch.mm(h, weight.T, out_dtype=torch.float32) if mixed else h.float() @ weight.T
-        out[i : i + rows] = _chunk_bits(logits, targets[i : i + rows], None)
+        out[i : i + rows] = chunk_bits(logits, targets[i : i + rows], None)
     return out
 
 

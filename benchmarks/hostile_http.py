@@ -18,24 +18,20 @@ import asyncio
 import datetime
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
+sys.path.insert(0, str(ROOT))
 
+from benchmarks.servers import HOST, service  # noqa: E402
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+CLASSICAL = "gzip,zlib,bz2,lzma,zstd"
 
 
 # -- the probe (its own process, so the attackers' CPU does not delay its clock) -------------
@@ -194,51 +190,6 @@ async def attack(port: int, pid: int, slow: int, slow_limit_s: float) -> list[di
     return rows
 
 
-# -- the service -----------------------------------------------------------------------------
-
-
-@contextmanager
-def _process(cmd: list[str], env: dict[str, str], log: Path):
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            yield proc
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
-@contextmanager
-def service(mode: str, workdir: Path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CODELEN_") and k != "REDIS_URL"}
-    env.update(CODELEN_MODELS="gzip,zlib,bz2,lzma,zstd", CODELEN_DEFAULT_MODEL="gzip", CODELEN_PRELOAD="")
-    with ExitStack() as stack:
-        if mode == "distributed":
-            redis_port = free_port()
-            redis_cmd = [shutil.which("redis-server") or "redis-server", "--port", str(redis_port),
-                         "--bind", HOST, "--save", "", "--appendonly", "no", "--dir", str(workdir)]  # fmt: skip
-            stack.enter_context(_process(redis_cmd, env, workdir / "redis.log"))
-            env["REDIS_URL"] = f"redis://{HOST}:{redis_port}/0"
-            worker = [sys.executable, "-m", "codelen.cli", "worker", "--models", "gzip"]
-            stack.enter_context(_process(worker, env, workdir / "worker.log"))
-        port = free_port()
-        cmd = [sys.executable, "-m", "codelen.cli", "serve", "--port", str(port), "--log-level", "warning"]
-        proc = stack.enter_context(_process(cmd, env, workdir / f"api-{mode}.log"))
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with socket.create_connection((HOST, port), timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the API did not start") from None
-                time.sleep(0.1)
-        yield port, proc.pid
-
-
 def _during(rows: list[dict[str, object]], t: float) -> str:
     for row in rows:
         if float(row["started_at"]) <= t <= float(row["ended_at"]):  # type: ignore[arg-type]
@@ -247,7 +198,8 @@ def _during(rows: list[dict[str, object]], t: float) -> str:
 
 
 def run_mode(mode: str, slow: int, slow_limit_s: float, workdir: Path) -> dict[str, object]:
-    with service(mode, workdir) as (port, pid):
+    with service(mode, models=CLASSICAL, worker_models="gzip", log_dir=workdir) as svc:
+        port, pid = svc.port, svc.pid
         probe_out = workdir / f"probe-{mode}.json"
         probe = subprocess.Popen([sys.executable, __file__, "--probe", str(port), str(probe_out)], cwd=ROOT)
         time.sleep(1.0)

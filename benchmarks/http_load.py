@@ -20,30 +20,25 @@ import datetime
 import json
 import os
 import platform
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.servers import service  # noqa: E402
+
 BODY = {
     "x": "The river flooded the valley after a week of heavy rain; farmers moved their cattle uphill.",
     "y": ["A compiler turns source code into machine instructions.", "It optimizes loops and registers."],
     "model": "gzip",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- the load generator (runs in its own process) -------------------------------------------
@@ -115,61 +110,19 @@ def generate_main(args: argparse.Namespace) -> None:
 # -- the service under test --------------------------------------------------------------------
 
 
-def _wait_http(url: str, path: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + path, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url}{path} did not answer 200 within {timeout} s")
-
-
 @contextmanager
-def _process(cmd: list[str], env: dict[str, str], log: Path):
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            yield proc
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
-@contextmanager
-def service(mode: str, workdir: Path, fast_path: bool = True):
-    """Start the API (and in distributed mode Redis and one gzip worker); yield its URL."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CODELEN_") and k != "REDIS_URL"}
-    env.update(CODELEN_MODELS="gzip", CODELEN_DEFAULT_MODEL="gzip", CODELEN_PRELOAD="gzip")
-    env["CODELEN_SCORE_FAST_PATH"] = "true" if fast_path else "false"
-    with ExitStack() as stack:
-        if mode == "distributed":
-            redis_port = free_port()
-            redis_cmd = [shutil.which("redis-server") or "redis-server", "--port", str(redis_port),
-                         "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)]  # fmt: skip
-            stack.enter_context(_process(redis_cmd, env, workdir / "redis.log"))
-            env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
-            worker = [sys.executable, "-m", "codelen.cli", "worker", "--models", "gzip"]
-            stack.enter_context(_process(worker, env, workdir / "worker.log"))
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        serve = [sys.executable, "-m", "codelen.cli", "serve", "--port", str(port), "--log-level", "warning"]
-        stack.enter_context(_process(serve, env, workdir / f"api-{mode}.log"))
-        _wait_http(url, "/healthz")
+def warm_service(mode: str, workdir: Path, fast_path: bool = True):
+    """The service (models gzip; distributed: Redis and one gzip worker) with BODY's answer cached; yields its URL."""
+    with service(mode, models="gzip", preload="gzip", fast_path=fast_path, log_dir=workdir) as svc:
         deadline = time.monotonic() + 60
-        while True:  # fill the cache (distributed: once a worker has published gzip)
-            r = httpx.post(url + "/v1/score", json=BODY, timeout=30)
+        while True:  # fill the cache
+            r = httpx.post(svc.url + "/v1/score", json=BODY, timeout=30)
             if r.status_code == 200 and r.json()["cached"]:
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"cache never warmed: {r.status_code} {r.text[:300]}")
             time.sleep(0.1)
-        yield url
+        yield svc.url
 
 
 def conditions() -> dict[str, object]:
@@ -216,7 +169,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for mode in modes:
             for fast in (False, True) if args.baseline else (True,):
-                with service(mode, Path(tmp), fast) as url:
+                with warm_service(mode, Path(tmp), fast) as url:
                     for c in args.concurrency:
                         cmd = [sys.executable, __file__, "--generate", "--url", url, "--concurrency", str(c),
                                "--duration", str(args.duration), "--warmup", str(args.warmup)]  # fmt: skip

@@ -16,10 +16,7 @@ import datetime
 import os
 import platform
 import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,12 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.memory_jobs import texts  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from benchmarks.servers import service  # noqa: E402
 
 
 def main() -> int:
@@ -43,70 +35,35 @@ def main() -> int:
     ap.add_argument("--model", default="zstd")
     ap.add_argument("--workers", type=int, default=1)
     args = ap.parse_args()
-    binary = shutil.which("redis-server")
-    if binary is None:
+    if shutil.which("redis-server") is None:
         print("redis-server is missing (apt-get install redis-server)")
         return 2
-    redis_port, api_port = free_port(), free_port()
-    redis_url = f"redis://127.0.0.1:{redis_port}/0"
-    env = {
-        **os.environ,
-        "REDIS_URL": redis_url,
-        "CODELEN_MODELS": args.model,
-        "CODELEN_DEFAULT_MODEL": args.model,
-        "CODELEN_PRELOAD": "",
-    }
-    for k in [k for k in env if k in ("CODELEN_MAX_QUEUE_ITEMS", "CODELEN_STREAM_MAX_LEN")]:
-        del env[k]  # the defaults are what is checked
-    procs: list[subprocess.Popen] = []
     n_pairs = args.datasets * (args.datasets + 1) // 2
     print(f"# matrix_max_distributed  {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}")
     print(f"# {platform.node()} {platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}")
     print(f"# distributed mode, model {args.model}, {args.workers} worker(s), one matrix of {args.datasets} datasets")
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            redis_args = [binary, "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", tmp, "--save", ""]
-            procs.append(subprocess.Popen(redis_args, stdout=subprocess.DEVNULL))
-            time.sleep(0.5)
-            for i in range(args.workers):
-                worker = [sys.executable, "-m", "codelen.cli", "worker", "--name", f"w{i}", "--log-level", "warning"]
-                procs.append(subprocess.Popen(worker, cwd=ROOT, env=env))
-            serve = [sys.executable, "-m", "codelen.cli", "serve", "--port", str(api_port), "--log-level", "warning"]
-            procs.append(subprocess.Popen(serve, cwd=ROOT, env=env))
-            with httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=600) as http:
-                deadline = time.monotonic() + 120
-                while True:
-                    try:
-                        if http.get("/v1/models").json()["models"]:
-                            break
-                    except (httpx.HTTPError, ValueError, KeyError):
-                        pass
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("the service or its worker did not start")
-                    time.sleep(0.2)
-                datasets = [{"id": f"d{i}", "data": t} for i, t in enumerate(texts(args.datasets))]
-                t0 = time.perf_counter()
-                r = http.post("/v1/jobs", json={"model": args.model, "matrix": {"datasets": datasets}})
-                print(f"POST /v1/jobs: {r.status_code} in {time.perf_counter() - t0:.1f} s  {r.text[:200]}")
-                if r.status_code != 202:
-                    return 1
-                job_id = r.json()["id"]
-                while (job := http.get(f"/v1/jobs/{job_id}").json())["status"] in ("queued", "running"):
-                    time.sleep(1)
-                took = time.perf_counter() - t0
-                done, total = job["progress"]["done"], job["progress"]["total"]
-                print(f"job {job['status']}: {done}/{total} pairs in {took:.0f} s")
-                doc = http.get(f"/v1/jobs/{job_id}/results", params={"include": "matrix"}).json()
-                m = doc.get("matrix") or {}
-                shape = (len(m.get("ncd", [])), len((m.get("ncd") or [[]])[0]))
-                print(f"matrix: {shape[0]} x {shape[1]} NCD ({n_pairs} pairs)")
-                ok = job["status"] == "succeeded" and shape == (args.datasets, args.datasets)
-                print("PASS" if ok else "FAIL")
-                return 0 if ok else 1
-        finally:
-            for p in reversed(procs):
-                p.terminate()
-                p.wait(timeout=30)
+    # no CODELEN_* of this shell: the defaults (CODELEN_MAX_QUEUE_ITEMS, _STREAM_MAX_LEN) are what is checked
+    server = service("distributed", models=args.model, workers=args.workers, timeout=120)
+    with server as svc, httpx.Client(base_url=svc.url, timeout=600) as http:
+        datasets = [{"id": f"d{i}", "data": t} for i, t in enumerate(texts(args.datasets))]
+        t0 = time.perf_counter()
+        r = http.post("/v1/jobs", json={"model": args.model, "matrix": {"datasets": datasets}})
+        print(f"POST /v1/jobs: {r.status_code} in {time.perf_counter() - t0:.1f} s  {r.text[:200]}")
+        if r.status_code != 202:
+            return 1
+        job_id = r.json()["id"]
+        while (job := http.get(f"/v1/jobs/{job_id}").json())["status"] in ("queued", "running"):
+            time.sleep(1)
+        took = time.perf_counter() - t0
+        done, total = job["progress"]["done"], job["progress"]["total"]
+        print(f"job {job['status']}: {done}/{total} pairs in {took:.0f} s")
+        doc = http.get(f"/v1/jobs/{job_id}/results", params={"include": "matrix"}).json()
+        m = doc.get("matrix") or {}
+        shape = (len(m.get("ncd", [])), len((m.get("ncd") or [[]])[0]))
+        print(f"matrix: {shape[0]} x {shape[1]} NCD ({n_pairs} pairs)")
+        ok = job["status"] == "succeeded" and shape == (args.datasets, args.datasets)
+        print("PASS" if ok else "FAIL")
+        return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@ import csv
 import datetime
 import os
 import platform
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -28,15 +26,13 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.servers import service  # noqa: E402
+
 AG_NEWS = ROOT.parent / "shared" / "data" / "ag_news" / "test.csv"
 WORDS = "river valley rain farmer cattle compiler source loop register orchestra score bread yeast goal".split()
 LIMIT_MB = 100
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mb(pid: int) -> float:
@@ -101,72 +97,53 @@ def main() -> int:
     args = ap.parse_args()
 
     pool = texts(args.jobs * args.datasets)
-    port = free_port()
-    env = {**os.environ, "CODELEN_MODELS": args.model, "CODELEN_DEFAULT_MODEL": args.model, "CODELEN_PRELOAD": ""}
-    env.pop("REDIS_URL", None)
-    env.pop("CODELEN_REDIS_URL", None)
-    cmd = [sys.executable, "-m", "codelen.cli", "serve", "--port", str(port), "--log-level", "warning"]
-    server = subprocess.Popen(cmd, cwd=ROOT, env=env)
-    url = f"http://127.0.0.1:{port}"
     print(f"# memory_jobs  {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}")
     print(f"# {platform.node()} {platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}")
     print(
         f"# embedded mode, model {args.model}, {args.jobs} matrix jobs of {args.datasets} datasets "
         f"({args.datasets * (args.datasets + 1) // 2} pairs each), results read as {args.read}, then DELETE"
     )
-    try:
-        with httpx.Client(base_url=url, timeout=600) as http:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if http.get("/readyz").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("the server did not start")
-                time.sleep(0.1)
-            http.post("/v1/score", json={"x": "warm", "y": "up", "model": args.model}).raise_for_status()
+    # inherit: this shell's CODELEN_* settings (not REDIS_URL) apply to the server
+    server = service(models=args.model, inherit=True, timeout=120)
+    with server as svc, httpx.Client(base_url=svc.url, timeout=600) as http:
+        http.post("/v1/score", json={"x": "warm", "y": "up", "model": args.model}).raise_for_status()
+        time.sleep(1)
+        start = rss_mb(svc.pid)
+        print(f"start          RSS {start:7.1f} MB")
+        poller = HealthPoller(svc.url)
+        poller.start()
+        for k in range(args.jobs):
+            chunk = pool[k * args.datasets : (k + 1) * args.datasets]
+            datasets = [{"id": f"j{k}d{i}", "data": t} for i, t in enumerate(chunk)]
+            t0 = time.perf_counter()
+            poller.phase = "run"
+            r = http.post("/v1/jobs", json={"model": args.model, "matrix": {"datasets": datasets}})
+            r.raise_for_status()
+            job_id = r.json()["id"]
+            while (job := http.get(f"/v1/jobs/{job_id}").json())["status"] in ("queued", "running"):
+                time.sleep(0.2)
+            assert job["status"] == "succeeded", job
+            ran = time.perf_counter() - t0
+            peak = rss_mb(svc.pid)
+            t1 = time.perf_counter()
+            poller.phase = "read"
+            ways = ("json", "ndjson") if args.read == "both" else (args.read,)
+            sizes = [read_results(http, job_id, how) for how in ways]
+            read = time.perf_counter() - t1
+            after_read = rss_mb(svc.pid)
+            poller.phase = "delete"
+            assert http.delete(f"/v1/jobs/{job_id}").status_code == 200
+            gone = http.get(f"/v1/jobs/{job_id}").status_code == 404
             time.sleep(1)
-            start = rss_mb(server.pid)
-            print(f"start          RSS {start:7.1f} MB")
-            poller = HealthPoller(url)
-            poller.start()
-            for k in range(args.jobs):
-                chunk = pool[k * args.datasets : (k + 1) * args.datasets]
-                datasets = [{"id": f"j{k}d{i}", "data": t} for i, t in enumerate(chunk)]
-                t0 = time.perf_counter()
-                poller.phase = "run"
-                r = http.post("/v1/jobs", json={"model": args.model, "matrix": {"datasets": datasets}})
-                r.raise_for_status()
-                job_id = r.json()["id"]
-                while (job := http.get(f"/v1/jobs/{job_id}").json())["status"] in ("queued", "running"):
-                    time.sleep(0.2)
-                assert job["status"] == "succeeded", job
-                ran = time.perf_counter() - t0
-                peak = rss_mb(server.pid)
-                t1 = time.perf_counter()
-                poller.phase = "read"
-                ways = ("json", "ndjson") if args.read == "both" else (args.read,)
-                sizes = [read_results(http, job_id, how) for how in ways]
-                read = time.perf_counter() - t1
-                after_read = rss_mb(server.pid)
-                poller.phase = "delete"
-                assert http.delete(f"/v1/jobs/{job_id}").status_code == 200
-                gone = http.get(f"/v1/jobs/{job_id}").status_code == 404
-                time.sleep(1)
-                print(
-                    f"job {k + 1}: ran {ran:5.1f} s, RSS {peak:7.1f} MB when done, {after_read:7.1f} MB after "
-                    f"reading {'+'.join(f'{s / 1e6:.1f}' for s in sizes)} MB in {read:4.1f} s, "
-                    f"{rss_mb(server.pid):7.1f} MB after DELETE ({'gone' if gone else 'still there'})"
-                )
-            time.sleep(2)
-            poller.stop.set()
-            poller.join()
-            end = rss_mb(server.pid)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+            print(
+                f"job {k + 1}: ran {ran:5.1f} s, RSS {peak:7.1f} MB when done, {after_read:7.1f} MB after "
+                f"reading {'+'.join(f'{s / 1e6:.1f}' for s in sizes)} MB in {read:4.1f} s, "
+                f"{rss_mb(svc.pid):7.1f} MB after DELETE ({'gone' if gone else 'still there'})"
+            )
+        time.sleep(2)
+        poller.stop.set()
+        poller.join()
+        end = rss_mb(svc.pid)
     grew = end - start
     print(f"end            RSS {end:7.1f} MB  ({grew:+.1f} MB from the start)")
     phases = ", ".join(f"{k} {v * 1000:.0f}" for k, v in poller.by_phase.items())

@@ -34,9 +34,9 @@ class PrefixReuse:
             self._states.move_to_end(prefix)
             return self._states[prefix]
         ids = torch.tensor([[self.lm.start_token_id, *prefix]], dtype=torch.long)
-        body = self.lm._body(input_ids=ids, use_cache=True)
+        body = self.lm.body(input_ids=ids, use_cache=True)
         hidden = body.last_hidden_state[0]
-        bits = float(self.lm._head_bits(hidden[:-1], ids[0, 1:]).double().sum()) if prefix else 0.0
+        bits = float(self.lm.head.bits(hidden[:-1], ids[0, 1:]).double().sum()) if prefix else 0.0
         self._states[prefix] = (body.past_key_values, hidden[-1:], bits)
         while len(self._states) > self._keep:
             self._states.popitem(last=False)
@@ -67,9 +67,9 @@ class PrefixReuse:
                     continue
                 step = None
                 if len(target) > 1:
-                    step = self.lm._body(input_ids=target[None, :-1], past_key_values=cache, use_cache=True)
+                    step = self.lm.body(input_ids=target[None, :-1], past_key_values=cache, use_cache=True)
                 states = last if step is None else torch.cat([last, step.last_hidden_state[0]])
-                target_bits = float(self.lm._head_bits(states, target).double().sum())
+                target_bits = float(self.lm.head.bits(states, target).double().sum())
                 if step is not None:
                     cache.crop(-(len(target) - 1))  # back to the prefix alone
                 out[i] = SegmentBits(prefix_bits, target_bits)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from codelen.datasets import Dataset
-from models.protocol import ModelInfo
+from codelen.model_info import ModelInfo
 
 
 @dataclass(frozen=True)

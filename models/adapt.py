@@ -35,7 +35,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.lm import LMCompressor, window_spans
+from models.batching import window_spans
+from models.lm import LMCompressor
 from models.memory import sequence_digest
 from models.protocol import Progress, Segment, SegmentBits, Symbols
 

@@ -42,8 +42,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from models.batching import window_spans
 from models.invariant import tiled_matmul
-from models.lm import LMCompressor, window_spans
+from models.lm import LMCompressor
 from models.protocol import Progress, Segment, SegmentBits, Symbols
 
 KEY_BLOCK = 4096  # keys per distance block: fixed, so a distance never depends on the memory's size

@@ -15,10 +15,10 @@ from typing import Any
 from starlette.responses import JSONResponse
 
 from codelen.datasets import canonical
+from codelen.model_info import MODES
 from codelen.scores import score_document
 
 FIELDS = {"x", "y", "model", "conditioning", "direction"}
-MODES = ("context", "memory", "adapt")
 DIRECTIONS = ("both", "y_given_x")
 
 

@@ -1,4 +1,9 @@
-"""Every error is application/problem+json (RFC 9457): type, title, status, detail, and extras."""
+"""Every error is application/problem+json (RFC 9457): type, title, status, detail, and extras.
+
+The one place where exceptions become HTTP problems: routes raise `Problem` for what they check
+themselves and let the exceptions of the layers below (datasets, models, jobs, the backends)
+through; `install` maps each of those to its status, detail and headers.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +18,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.routing import Match
 
+from codelen.datasets import DatasetError
 from codelen.keys import UnknownId
-from models.protocol import UnsupportedMode
-from models.registry import ModelUnavailable
-from workers.jobs import TooLarge, Unavailable
+from codelen.model_info import UnsupportedMode
+from models.registry import ModelUnavailable, UnknownModel
+from workers.embedded import TaskFailed
+from workers.jobs import JobConflict, Overloaded, TooLarge, Unavailable
 
 log = logging.getLogger("codelen.service")
 
@@ -87,17 +94,40 @@ def install(app: FastAPI) -> None:
     async def _problem(_: Request, exc: Problem) -> Response:
         return problem_response(exc.status, exc.detail, exc.headers, **exc.extra)
 
-    @app.exception_handler(UnsupportedMode)
-    async def _unsupported_mode(_: Request, exc: UnsupportedMode) -> Response:
-        return problem_response(422, f"/conditioning: {exc}", pointer="/conditioning")
+    # The layers' exceptions, by status.
+    @app.exception_handler(UnknownModel)
+    async def _unknown_model(request: Request, exc: UnknownModel) -> Response:
+        available = ", ".join(request.app.state.registry.ids())
+        return problem_response(404, f"unknown model {exc.args[0]!r}; available: {available}")
 
     @app.exception_handler(UnknownId)
     async def _unknown_id(_: Request, exc: UnknownId) -> Response:
         return problem_response(404, str(exc))
 
+    @app.exception_handler(JobConflict)
+    async def _job_conflict(_: Request, exc: JobConflict) -> Response:
+        return problem_response(409, str(exc))
+
+    @app.exception_handler(DatasetError)
+    async def _dataset(_: Request, exc: DatasetError) -> Response:
+        return problem_response(413 if exc.too_large else 422, f"{exc.pointer or '/'}: {exc}", pointer=exc.pointer)
+
     @app.exception_handler(TooLarge)
     async def _too_large(_: Request, exc: TooLarge) -> Response:
         return problem_response(413, str(exc))
+
+    @app.exception_handler(UnsupportedMode)
+    async def _unsupported_mode(_: Request, exc: UnsupportedMode) -> Response:
+        return problem_response(422, f"/conditioning: {exc}", pointer="/conditioning")
+
+    @app.exception_handler(TaskFailed)
+    async def _task_failed(_: Request, exc: TaskFailed) -> Response:
+        return problem_response(422, str(exc))  # e.g. a text the tokenizer cannot code losslessly
+
+    @app.exception_handler(Overloaded)
+    async def _overloaded(request: Request, exc: Overloaded) -> Response:
+        retry = str(request.app.state.settings.retry_after_s)
+        return problem_response(429, f"overloaded: {exc}", {"Retry-After": retry})
 
     @app.exception_handler(ModelUnavailable)
     async def _unavailable(_: Request, exc: ModelUnavailable) -> Response:

@@ -9,7 +9,7 @@ import time
 from redis.exceptions import RedisError
 
 from codelen import keys
-from workers import redis_state
+from codelen.redis_client import connect
 
 log = logging.getLogger("codelen.service")
 
@@ -55,7 +55,7 @@ class RedisTokenBucket:
 
     def __init__(self, url: str, rate: float, burst: int) -> None:
         self.rate, self.burst = rate, burst
-        self.redis = redis_state.connect(url)
+        self.redis = connect(url)
         self._take = self.redis.register_script(TAKE)
 
     async def take(self, key: str) -> float:

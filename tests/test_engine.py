@@ -16,6 +16,7 @@ import torch
 from models.lm import LMCompressor, load_lm_compressor
 from models.packing import _attention_per_window
 from models.prefix_cache import PrefixCache
+from models.prefix_reuse import prefix_state
 from models.protocol import Segment
 from models.tiny import tiny_compressor
 
@@ -162,7 +163,7 @@ def test_lru_respects_its_budget() -> None:
     rng = random.Random(5)
     prefixes = [tokens(rng, 50) for _ in range(6)]
     with torch.inference_mode():
-        one = comp._prefix_state(prefixes[0]).nbytes
+        one = prefix_state(comp, prefixes[0]).nbytes
     comp.prefix_cache = PrefixCache(max_bytes=int(2.5 * one))
     for x in prefixes:
         comp.score([Segment(x, tokens(rng, 8)), Segment(x, tokens(rng, 9))])

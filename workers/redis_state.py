@@ -16,11 +16,10 @@ import time
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from codelen import keys
+from codelen.redis_client import connect as connect  # re-exported: worker.py, redis_backend.py call it here
 from codelen.settings import Settings
 from models.protocol import CONTEXT, Conditioning, ModelInfo, WindowPolicy
 from workers.compute import ClassifyTask, Task
@@ -94,13 +93,6 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
 end
 return 0
 """
-
-
-def connect(url: str) -> aioredis.Redis:
-    """A client that rides over a Redis restart: a command that meets a closed connection is
-    retried on a new one (with backoff, redis-py's default Retry). Every write here may run twice
-    safely: values are SET NX, progress is the idempotent RECORD, a duplicate entry is harmless."""
-    return aioredis.from_url(url, decode_responses=True, retry_on_error=[RedisConnectionError, RedisTimeoutError])
 
 
 def out_of_memory(exc: ResponseError) -> bool:

@@ -23,12 +23,10 @@ from service.classifiers.serving import (
     NotFound,
     Pending,
     TooLarge,
-    UnknownModel,
     public,
 )
 from service.json_body import JSONBodyRoute
 from service.problems import Problem, problem_schema
-from workers.jobs import JobConflict, Overloaded
 
 router = APIRouter(tags=["classifiers"], route_class=JSONBodyRoute)
 IdempotencyKey = Header(default=None, max_length=256)
@@ -39,22 +37,18 @@ def _service(request: Request) -> ClassifierService:
 
 
 async def _call(request: Request, coro):
+    """The feature's own exceptions as problems; the layers' (unknown model, queue full, reused
+    Idempotency-Key, Redis down) pass to service/problems.py."""
     try:
         return await coro
     except NotFound as exc:
         raise Problem(404, str(exc)) from None
-    except UnknownModel as exc:
-        available = ", ".join(request.app.state.registry.ids())
-        raise Problem(404, f"unknown model {exc.args[0]!r}; available: {available}") from None
     except TooLarge as exc:
         raise Problem(413, str(exc)) from None
     except Invalid as exc:
         raise Problem(422, str(exc), pointer=exc.pointer) from None
-    except (Cancelled, JobConflict) as exc:
+    except Cancelled as exc:
         raise Problem(409, str(exc)) from None
-    except Overloaded as exc:
-        retry = str(request.app.state.settings.retry_after_s)
-        raise Problem(429, f"overloaded: {exc}", headers={"Retry-After": retry}) from None
 
 
 def _accepted(pending: Pending, location: str) -> JSONResponse:

@@ -22,7 +22,7 @@ from classify.fusion import FusionOptions
 from classify.methods import MethodError, parse_options, resolve_model
 from codelen.datasets import DatasetError, check_record
 from codelen.settings import Settings
-from models.registry import Registry, UnknownModel
+from models.registry import Registry
 from service.classifiers.store import ClassifierStore
 from workers.backend import Backend
 from workers.jobs import TERMINAL, ClassifySpec
@@ -313,4 +313,4 @@ class ClassifierService:
         return out
 
 
-__all__ = ["Cancelled", "ClassifierService", "Invalid", "NotFound", "Pending", "TooLarge", "UnknownModel", "public"]
+__all__ = ["Cancelled", "ClassifierService", "Invalid", "NotFound", "Pending", "TooLarge", "public"]

@@ -56,7 +56,7 @@ class RedisStore:
     """One JSON string per classifier under keys.classifier(id), expiring `ttl_s` after last use."""
 
     def __init__(self, url: str, ttl_s: int) -> None:
-        from workers.redis_state import connect
+        from codelen.redis_client import connect
 
         self._redis = connect(url)  # the retrying client the backend uses: rides over a Redis restart
         self._ttl = ttl_s

@@ -14,7 +14,7 @@ from service.json_body import JSONBodyRoute
 from service.problems import Problem, problem_schema
 from service.schemas import JobRequest, JobStatus
 from service.streaming import json_document, json_lines
-from workers.jobs import JobConflict, JobSpec, Overloaded, PairSpec, matrix_pairs
+from workers.jobs import JobSpec, PairSpec, matrix_pairs
 
 router = APIRouter(tags=["jobs"], route_class=JSONBodyRoute)
 
@@ -61,13 +61,7 @@ async def submit(
 ) -> JSONResponse:
     # in a thread: a 500-dataset matrix is 125,250 pairs to build (~0.15 s the event loop would stall)
     spec = await asyncio.to_thread(_spec, request, body, await request.body())
-    settings = settings_of(request)
-    try:
-        job = await backend_of(request).submit(spec, idempotency_key)
-    except Overloaded as exc:
-        raise Problem(429, f"overloaded: {exc}", headers={"Retry-After": str(settings.retry_after_s)}) from None
-    except JobConflict as exc:
-        raise Problem(409, str(exc)) from None
+    job = await backend_of(request).submit(spec, idempotency_key)  # Overloaded 429, JobConflict 409: problems.py
     return JSONResponse(job, status_code=202, headers={"Location": f"/v1/jobs/{job['id']}"})
 
 

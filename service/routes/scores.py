@@ -8,10 +8,8 @@ from fastapi.responses import JSONResponse
 from codelen.scores import score_document
 from service.deps import backend_of, dataset, model_id, settings_of
 from service.json_body import JSONBodyRoute
-from service.problems import Problem, problem_schema
+from service.problems import problem_schema
 from service.schemas import JobStatus, ScoreRequest, ScoreResponse
-from workers.embedded import TaskFailed
-from workers.jobs import Overloaded
 
 router = APIRouter(tags=["scores"], route_class=JSONBodyRoute)
 
@@ -29,15 +27,9 @@ async def score(body: ScoreRequest, request: Request) -> JSONResponse:
     x = dataset(request, body.x, "/x")
     y = dataset(request, body.y, "/y")
     backend = backend_of(request)
-    settings = settings_of(request)
-    try:
-        lengths, cached, job = await backend.score(
-            model, x, y, settings.score_wait_s, body.conditioning, body.direction
-        )
-    except Overloaded as exc:
-        raise Problem(429, f"overloaded: {exc}", headers={"Retry-After": str(settings.retry_after_s)}) from None
-    except TaskFailed as exc:
-        raise Problem(422, str(exc)) from None
+    wait = settings_of(request).score_wait_s
+    # Overloaded (429), a text that cannot be coded (TaskFailed, 422), ...: service/problems.py
+    lengths, cached, job = await backend.score(model, x, y, wait, body.conditioning, body.direction)
     if job is not None:
         return JSONResponse(job, status_code=202, headers={"Location": f"/v1/jobs/{job['id']}"})
     info = await backend.model_info(model, body.conditioning)
