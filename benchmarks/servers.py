@@ -7,6 +7,7 @@ lives here once; what a benchmark does with the running service stays in the ben
 
     with service("distributed", models="gzip", workers=2, log_dir=tmp) as svc:
         httpx.get(svc.url + "/v1/models")   # svc.port, svc.pid (the API process, e.g. for its RSS)
+        svc.worker_pids                         # e.g. to SIGKILL one mid-job
 """
 
 from __future__ import annotations
@@ -85,6 +86,9 @@ class Service:
     url: str  # http://127.0.0.1:PORT
     port: int
     pid: int  # of the `codelen serve` process
+    worker_pids: tuple[int, ...] = ()  # of the `codelen worker` processes, in order (distributed)
+    worker_metrics_ports: tuple[int, ...] = ()  # their `--metrics-port`s (worker_metrics=True), same order
+    redis_url: str | None = None  # distributed: the service's own redis-server
 
 
 @contextmanager
@@ -96,6 +100,7 @@ def service(
     preload: str = "",
     workers: int = 1,
     worker_models: str | None = None,
+    worker_metrics: bool = False,
     env: Mapping[str, str] | None = None,
     api_key: str | None = None,
     fast_path: bool | None = None,
@@ -109,6 +114,7 @@ def service(
 
     mode: "embedded" (`codelen serve` alone) or "distributed" (redis-server without persistence,
     `workers` x `codelen worker --models worker_models` (default: `models`), `codelen serve`).
+    worker_metrics: each worker serves Prometheus metrics on a free port (`Service.worker_metrics_ports`).
     models, default_model (default: the first of models), preload: CODELEN_MODELS, _DEFAULT_MODEL,
     _PRELOAD. env: more CODELEN_* settings. api_key: the only accepted key (its SHA-256 in
     CODELEN_API_KEYS; the readiness checks send it). fast_path: CODELEN_SCORE_FAST_PATH (None: the
@@ -133,6 +139,8 @@ def service(
     codelen = [sys.executable, "-m", "codelen.cli"]
     with ExitStack() as stack:
         procs = []
+        worker_procs: list[subprocess.Popen] = []
+        metrics_ports: list[int] = []
         if mode == "distributed":
             binary = shutil.which("redis-server")
             if binary is None:
@@ -147,7 +155,11 @@ def service(
             for i in range(workers):
                 cmd = [*codelen, "worker", "--models", worker_models or models, "--name", f"w{i}",
                        "--log-level", "warning"]  # fmt: skip
-                procs.append(stack.enter_context(process(cmd, penv, log_dir and log_dir / f"worker-{i}.log")))
+                if worker_metrics:
+                    metrics_ports.append(free_port())
+                    cmd += ["--metrics-port", str(metrics_ports[-1])]
+                worker_procs.append(stack.enter_context(process(cmd, penv, log_dir and log_dir / f"worker-{i}.log")))
+                procs.append(worker_procs[-1])
         port = free_port()
         url = f"http://{HOST}:{port}"
         serve = [*codelen, "serve", "--host", HOST, "--port", str(port), "--log-level", "warning"]
@@ -156,7 +168,14 @@ def service(
         wait_ready(url, ready_path, headers=headers, timeout=timeout, procs=procs)
         if mode == "distributed":
             wait_ready(url, "/v1/models", headers=headers, timeout=timeout, until=_published, procs=procs)
-        yield Service(url, port, api.pid)
+        yield Service(
+            url,
+            port,
+            api.pid,
+            tuple(w.pid for w in worker_procs),
+            tuple(metrics_ports),
+            penv.get("REDIS_URL") if mode == "distributed" else None,
+        )
 
 
 def _published(answer: httpx.Response) -> bool:
