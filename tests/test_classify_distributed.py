@@ -157,3 +157,18 @@ def test_cancel_stops_a_prediction_job_and_the_queue_bound_answers_429(
         assert job["status"] == "cancelled" and job["progress"]["done"] == 0
         assert http.get(f"/v1/jobs/{job_id}/results").json()["results"] == []
         assert http.get(f"/v1/classifiers/{cid}/predictions/{job_id}").json()["status"] == "cancelled"
+
+
+def test_a_worker_reads_ahead_only_what_its_batch_is_likely_to_take() -> None:
+    from workers.worker import read_count
+
+    # Small entries (score work on short datasets): a full read, as before.
+    assert read_count(32, 65536, None, empty=True) == 32
+    assert read_count(32, 65536, 300.0, empty=True) == 32
+    # Chunks of a classifier's texts, ~4 KB each, an 8 KB budget: two, not 32 (the rest stay on
+    # the stream for the other workers).
+    assert read_count(32, 8192, 4000.0, empty=True) == 2
+    # A batch as full as the entries seen suggest stops reading...
+    assert read_count(31, 1000, 4000.0, empty=False) == 0
+    # ...but an empty batch always reads one, however large the entries.
+    assert read_count(32, 8192, 1e9, empty=True) == 1

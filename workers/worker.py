@@ -73,6 +73,7 @@ class Worker:
         self._fitted = FittedClassifiers(settings.fitted_classifiers)
         self._blobs: RedisBlobs | None = None  # set in run(): it needs the running loop
         self._held: dict[str, Entry] = {}  # read, not yet acknowledged
+        self._mean_cost: float | None = None  # of the entries read lately (read_count)
         self._stopping = asyncio.Event()
         self._next_reclaim = 0.0
         self.failed = False  # set when the reader died of an unexpected error: exit non-zero
@@ -230,8 +231,10 @@ class Worker:
                 break
             else:
                 block = READ_BLOCK_MS
+            count = read_count(s.batch_max_items - len(batch), budget - cost, self._mean_cost, empty=not batch)
+            if count < 1:
+                break
             streams = {st: ">" for st in self.streams}
-            count = s.batch_max_items - len(batch)
             got = await self.redis.xreadgroup(keys.GROUP, self.name, streams, count=count, block=block)
             pending += await self._accept(got or [])
             if not got and not batch:
@@ -255,6 +258,7 @@ class Worker:
                     await self._dead(_stream, entry_id, fields, f"malformed stream entry: {exc!r}")
                     continue
                 self._held[entry.id] = entry
+                self._mean_cost = entry.cost if self._mean_cost is None else 0.8 * self._mean_cost + 0.2 * entry.cost
                 out.append(entry)
         return out
 
@@ -597,6 +601,18 @@ class Worker:
         await pipe.execute()
         self._held.pop(entry_id, None)
         self._count("dead", 1)
+
+
+def read_count(room_items: int, room_bytes: int, mean_cost: float | None, empty: bool) -> int:
+    """How many entries to read for a batch with room for `room_items` entries and `room_bytes`
+    bytes, given the mean size of the entries read lately (None: none read yet). Entries read
+    beyond the budget wait in this worker for its next batch, where no other worker can take
+    them (until reclaimed): with large entries (a classifier's chunk of texts, a long dataset)
+    a read of batch_max_items would hold a whole job while the other workers idle. 0: the batch
+    is as full as the entries seen suggest; at least one entry is read into an empty batch."""
+    if mean_cost is None or mean_cost <= 0:
+        return room_items
+    return max(1 if empty else 0, min(room_items, int(room_bytes // mean_cost)))
 
 
 def task_label(task: Task) -> str:
