@@ -22,8 +22,7 @@ from codelen.datasets import DatasetError
 from codelen.keys import UnknownId
 from codelen.model_info import UnsupportedMode
 from models.registry import ModelUnavailable, UnknownModel
-from workers.embedded import TaskFailed
-from workers.jobs import JobConflict, Overloaded, TooLarge, Unavailable
+from workers.jobs import JobConflict, Overloaded, TaskFailed, TooLarge, Unavailable
 
 log = logging.getLogger("codelen.service")
 

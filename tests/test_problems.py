@@ -14,8 +14,7 @@ from codelen.keys import UnknownId
 from codelen.model_info import UnsupportedMode
 from models.registry import ModelUnavailable, UnknownModel
 from service import problems
-from workers.embedded import TaskFailed
-from workers.jobs import JobConflict, Overloaded, TooLarge, Unavailable
+from workers.jobs import JobConflict, Overloaded, TaskFailed, TooLarge, Unavailable
 
 CASES: list[tuple[Exception, int, str, dict[str, str], dict[str, object]]] = [
     (UnknownModel("gpt-17"), 404, "unknown model 'gpt-17'; available: gzip, zstd", {}, {}),

@@ -31,6 +31,7 @@ from workers.jobs import (
     JobState,
     Overloaded,
     PairSpec,
+    TaskFailed,
     matrix_document,
     new_job_id,
 )
@@ -39,10 +40,6 @@ from workers.results import ClassifyResults, JobResults, release_memory
 JOB_WINDOW = 256  # pairs of one job in flight at once: bounds memory and lets cancel stop work
 CLASSIFY_WINDOW = 8  # classify tasks (chunks) of one job queued at once: cancel stops the rest
 BIG_JOB_PAIRS = 10_000  # once a job this big is finished or dropped, freed memory goes back to the OS
-
-
-class TaskFailed(ValueError):
-    """A code length could not be computed for this input (e.g. the tokenizer is lossy on it)."""
 
 
 class LRUCache:

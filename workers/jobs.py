@@ -19,6 +19,10 @@ class JobConflict(ValueError):
     """An Idempotency-Key reused with a different request body."""
 
 
+class TaskFailed(ValueError):
+    """A code length could not be computed for this input (e.g. the tokenizer is lossy on it)."""
+
+
 class Overloaded(RuntimeError):
     """The queue is past its configured depth; the client should retry later."""
 

@@ -32,13 +32,13 @@ from models.protocol import ModelInfo
 from models.registry import ModelUnavailable, Registry
 from workers import redis_state
 from workers.compute import FIT, ClassifyTask, Task, pair_tasks
-from workers.embedded import TaskFailed
 from workers.jobs import (
     ClassifySpec,
     JobConflict,
     JobSpec,
     Overloaded,
     PairSpec,
+    TaskFailed,
     TooLarge,
     Unavailable,
     classify_rows,
