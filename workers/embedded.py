@@ -492,7 +492,8 @@ class EmbeddedBackend:
                     index[fut] = next_pair
                     pending.add(fut)
                     next_pair += 1
-                finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                finished, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                pending -= finished
                 for fut in finished:
                     i = index.pop(fut)
                     exc = fut.exception()
@@ -506,13 +507,7 @@ class EmbeddedBackend:
         except Exception as exc:
             job.status, job.error = "failed", str(exc)
         finally:
-            for fut in pending:
-                fut.cancel()
-            job.finished_at = time.time()
-            self.metrics.jobs.labels(job.status).inc()
-            self._runners.pop(job.id, None)
-            self._specs.pop(job.id, None)  # the texts are no longer needed
-            self._forget_old_jobs()  # the byte bound holds once this job's results count as finished
+            self._job_ended(job, pending)
             if len(spec.pairs) >= BIG_JOB_PAIRS:
                 release_memory()  # the pair specs just dropped
 
@@ -546,13 +541,18 @@ class EmbeddedBackend:
         except Exception as exc:
             job.status, job.error = "failed", str(exc)
         finally:
-            for fut in pending:
-                fut.cancel()
-            job.finished_at = time.time()
-            self.metrics.jobs.labels(job.status).inc()
-            self._runners.pop(job.id, None)
-            self._specs.pop(job.id, None)
-            self._forget_old_jobs()
+            self._job_ended(job, pending)
+
+    def _job_ended(self, job: JobState, pending: Iterable[asyncio.Future]) -> None:
+        """A job runner's last step, whatever its outcome: its work still in flight is cancelled,
+        and it stops holding its texts; the byte bound of finished jobs then counts its results."""
+        for fut in pending:
+            fut.cancel()
+        job.finished_at = time.time()
+        self.metrics.jobs.labels(job.status).inc()
+        self._runners.pop(job.id, None)
+        self._specs.pop(job.id, None)  # the texts are no longer needed
+        self._forget_old_jobs()
 
     async def job(self, job_id: str) -> dict[str, object] | None:
         job = self._jobs.get(job_id)
