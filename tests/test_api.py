@@ -29,6 +29,7 @@ FIELDS = {
 
 def wait_job(http: httpx.Client, job_id: str, timeout: float = 60) -> dict:
     deadline = time.monotonic() + timeout
+    job: dict = {}
     while time.monotonic() < deadline:
         job = http.get(f"/v1/jobs/{job_id}").json()
         if job["status"] in ("succeeded", "failed", "cancelled"):

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from codelen import keys
-from tests import redis_support
+from tests import redis_support, test_api
 from tests.conftest import fast_settings, free_port, serve
 from tests.redis_support import distributed_settings, start_worker, wait_published
 from tests.test_classify import TEST, TRAIN, synthetic
@@ -34,14 +34,7 @@ TEXTS = [e.text for e in TEST] + [e.text for e in synthetic(4, seed=5)]  # 27 te
 
 
 def wait_job(http: httpx.Client, job_id: str, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    job: dict = {}
-    while time.monotonic() < deadline:
-        job = http.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not finish: {job}")
+    return test_api.wait_job(http, job_id, timeout)  # fits and predictions take longer than zstd
 
 
 def worker_metric(port: int, name: str) -> float:

@@ -16,6 +16,7 @@ from codelen import keys
 from tests import redis_support
 from tests.conftest import fast_settings, free_port, serve
 from tests.redis_support import RedisServer, distributed_settings, start_worker, wait_published
+from tests.test_api import wait_job
 
 # the fixtures this module uses (a real redis-server on a free port, worker processes)
 redis_server, redis_url, workers = redis_support.redis_server, redis_support.redis_url, redis_support.workers
@@ -35,17 +36,6 @@ def make_pairs(n: int, salt: str = "") -> list[dict]:
     """n distinct pairs of short real-looking texts that share datasets across pairs."""
     texts = [f"{TOPICS[i % 5]} ({salt}note {i})" for i in range(max(4, n // 2))]
     return [{"id": f"p{i}", "x": texts[i % len(texts)], "y": texts[(3 * i + 1) % len(texts)]} for i in range(n)]
-
-
-def wait_job(http: httpx.Client, job_id: str, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    job: dict = {}
-    while time.monotonic() < deadline:
-        job = http.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not finish: {job}")
 
 
 def assert_same(got: object, want: object, where: str = "") -> None:
