@@ -26,6 +26,7 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import redis.asyncio as aioredis
@@ -55,6 +56,20 @@ DEFAULT_BATCH_BYTES = 65536
 CONSUMER_GC_S = 3600  # consumers with nothing pending and idle this long are removed from the group
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError)
 PROGRESS_FLUSH_S = 1.0  # how often a running batch adds its tokens to its jobs' records
+
+
+@dataclass
+class Outcome:
+    """What a batch came to, for `Worker._write`: the entries whose job still wants them (`live`),
+    entry id → the value to record in its job (`recorded`), cache key → bits computed now
+    (`computed`), entry id → why it is dead-lettered (`failed`: permanent) or why it is left
+    pending for a retry (`errors`: transient)."""
+
+    live: list[Entry]
+    recorded: dict[str, str] = field(default_factory=dict)
+    computed: dict[str, float] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
 
 
 class Worker:
@@ -338,9 +353,8 @@ class Worker:
             log.exception("could not prepare a batch; its entries will be redelivered")
             self._release(batch)
             return
-        failed: dict[str, str] = {}  # entry id → reason (permanent: dead-letter)
-        errors: dict[str, str] = {}  # entry id → exception (transient: left pending for a retry)
-        computed: dict[str, float] = {}  # cache key → bits
+        out = Outcome(live)
+        failed, errors, computed = out.failed, out.errors, out.computed
         todo: dict[tuple[str, str], dict[Task, list[Entry]]] = {}
         compressors = await self._mode_compressors({(e.task.model, e.task.mode) for e in live})
         for e in live:
@@ -371,22 +385,14 @@ class Worker:
                         errors[e.id] = broken[task]
             self._count("computed", len(got))
         values.update(computed)
-        recorded = {e.id: repr(values[e.task.key(e.ns)]) for e in live if e.task.key(e.ns) in values}
-        await self._finish(batch, live, recorded, computed, failed, errors)
+        out.recorded.update({e.id: repr(values[e.task.key(e.ns)]) for e in live if e.task.key(e.ns) in values})
+        await self._finish(batch, out)
 
-    async def _finish(
-        self,
-        batch: list[Entry],
-        live: list[Entry],
-        recorded: dict[str, str],
-        computed: dict[str, float],
-        failed: dict[str, str],
-        errors: dict[str, str],
-    ) -> None:
-        for entry_id, reason in errors.items():
+    async def _finish(self, batch: list[Entry], out: Outcome) -> None:
+        for entry_id, reason in out.errors.items():
             log.warning("entry %s failed: %s", entry_id, reason)
         try:
-            await self._retrying(lambda: self._write(batch, live, recorded, computed, failed, errors))
+            await self._retrying(lambda: self._write(batch, out))
         finally:
             self._release(batch)
 
@@ -399,9 +405,8 @@ class Worker:
             log.exception("could not prepare a batch; its entries will be redelivered")
             self._release(batch)
             return
-        failed: dict[str, str] = {}
-        errors: dict[str, str] = {}
-        recorded: dict[str, str] = {}
+        out = Outcome(live)
+        failed, errors, recorded = out.failed, out.errors, out.recorded
         groups: dict[str, list[Entry]] = {}
         for e in live:
             task = e.task
@@ -432,7 +437,7 @@ class Worker:
                 else:
                     recorded[e.id] = json.dumps(got[e.task])  # type: ignore[index]
             self._count("computed", len(got))
-        await self._finish(batch, live, recorded, {}, failed, errors)
+        await self._finish(batch, out)
 
     async def _prepare_classify(self, batch: list[Entry]) -> tuple[list[Entry], dict[str, dict | None], dict]:
         """Entries whose job still wants them, the definitions of their classifiers, the texts of
@@ -549,18 +554,12 @@ class Worker:
             broken.update(e)
         return values, bad, broken
 
-    async def _write(
-        self,
-        batch: list[Entry],
-        live: list[Entry],
-        recorded: dict[str, str],
-        computed: dict[str, float],
-        failed: dict[str, str],
-        errors: dict[str, str],
-    ) -> None:
-        """Cache `computed` (key → bits), then per entry: RECORD its value (`recorded`, entry id →
-        the value as stored in the job), dead-letter it (`failed`), or note its error (`errors`)."""
+    async def _write(self, batch: list[Entry], out: Outcome) -> None:
+        """Cache `out.computed`, then per entry of the batch: acknowledge it (its job no longer
+        wants it), dead-letter it (`out.failed`), note its error (`out.errors`), or RECORD its
+        value (`out.recorded`)."""
         s = self.settings
+        computed, failed, errors, recorded = out.computed, out.failed, out.errors, out.recorded
         now = repr(time.time())
         if computed:  # the cache first: a value is never recorded in a job before it is cached
             cache = self.cache.pipeline(transaction=False)
@@ -568,7 +567,7 @@ class Worker:
                 cache.set(key, repr(bits), ex=s.cache_ttl_s, nx=True)
             await cache.execute()
         pipe = self.redis.pipeline(transaction=False)
-        live_ids = {e.id for e in live}
+        live_ids = {e.id for e in out.live}
         for e in batch:
             if e.id not in live_ids:  # its job was cancelled, failed or expired
                 self._count("skipped", 1)
