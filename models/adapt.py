@@ -178,17 +178,28 @@ class AdaptCompressor:
         out = []
         for s in segments:
             if not s.prefix:
-                # C(X) through the state after X: the same bits, and a later C(Y|X) finds X trained.
-                out.append(SegmentBits(prefix_bits=0.0, target_bits=self.state_after(s.target, progress).bits))
+                # C(X) through the state after coding X: the same bits, and a later C(Y|X) finds X
+                # coded (and adds only the replay passes, if any).
+                coded = self.state_after(s.target, progress, replayed=False)
+                out.append(SegmentBits(prefix_bits=0.0, target_bits=coded.bits))
                 continue
             before = self.state_after(s.prefix, progress)
             bits, _ = self._code([*s.prefix, *s.target], len(s.prefix), before, progress, train_last=False)
             out.append(SegmentBits(prefix_bits=before.bits, target_bits=bits))
         return out
 
-    def state_after(self, tokens: Symbols, progress: Progress | None = None) -> AdaptState:
-        """The adapters after coding and training on all of `tokens` (from the cache if there)."""
+    def state_after(self, tokens: Symbols, progress: Progress | None = None, replayed: bool = True) -> AdaptState:
+        """The adapters after coding and training on all of `tokens`, then (if `replayed`) the
+        `replay` more passes over them that come before whatever follows them (from the cache if
+        there). C(X) alone needs only the coded state: the replay passes change no bits of X, so
+        they run only when X conditions something."""
         digest = sequence_digest(tokens)
+        if replayed and self.params.replay:
+            state = self.cache.get(f"{digest}:replayed")
+            if state is None:
+                state = self._replay(list(tokens), self.state_after(tokens, progress, replayed=False), progress)
+                self.cache.put(f"{digest}:replayed", state)
+            return state
         state = self.cache.get(digest)
         if state is None:
             bits, state = self._code(list(tokens), 0, None, progress, train_last=True)
@@ -215,6 +226,44 @@ class AdaptCompressor:
         """Code tokens[start:] block by block after the state `before` (None: fresh adapters),
         training after each block (after the last one only if `train_last`). Returns the bits
         of tokens[start:] and the state after them (with `before`'s bits added)."""
+        params, optimizer = self._trainable(before)
+        spans = self._spans(len(tokens), start)
+        ids = torch.tensor([self.lm.start_token_id, *tokens], dtype=torch.long, device=self.lm.device)
+        total = 0.0
+        if progress is not None:
+            progress(0, len(tokens) - start)
+        with self.lm.lock, self._active(params):
+            for k, (a, b, first) in enumerate(spans):
+                last = k + 1 == len(spans)
+                total += self._block(ids, a, b, first, optimizer, train=train_last or not last)
+                if progress is not None:
+                    progress(b - first, 0)
+        return total, self._snapshot(params, optimizer, total + (before.bits if before is not None else 0.0))
+
+    def _replay(self, tokens: list[int], coded: AdaptState, progress: Progress | None) -> AdaptState:
+        """`replay` more training passes over the blocks of `tokens`, from the state after coding
+        them: the state that codes what follows them (its bits: those of coding them, unchanged)."""
+        params, optimizer = self._trainable(coded)
+        spans = self._spans(len(tokens), 0)
+        ids = torch.tensor([self.lm.start_token_id, *tokens], dtype=torch.long, device=self.lm.device)
+        if progress is not None:
+            progress(0, len(tokens) * self.params.replay)
+        with self.lm.lock, self._active(params):
+            for _ in range(self.params.replay):
+                for a, b, first in spans:
+                    self._block(ids, a, b, first, optimizer, train=True, code=False)
+                    if progress is not None:
+                        progress(b - first, 0)
+        return self._snapshot(params, optimizer, coded.bits)
+
+    def _spans(self, n: int, start: int) -> list[tuple[int, int, int]]:
+        """The blocks that code tokens[start:] of n tokens: (window start, end, first position
+        scored), in positions of the start token + the tokens."""
+        spans = window_spans(n + 1, self.lm.window)
+        return [(a, b, max(first, start + 1)) for a, b, first in spans if b > start + 1]
+
+    def _trainable(self, before: AdaptState | None) -> tuple[list[nn.Parameter], torch.optim.Optimizer]:
+        """The adapters and their optimizer as they were in `before` (None: fresh), to train on."""
         if before is None:
             values, optimizer_state = self.fresh()
         else:
@@ -223,33 +272,13 @@ class AdaptCompressor:
         optimizer = torch.optim.Adam(params, lr=self.params.lr, foreach=False)
         if optimizer_state:
             optimizer.load_state_dict(optimizer_state)
-        spans = [
-            (a, b, max(first, start + 1))
-            for a, b, first in window_spans(len(tokens) + 1, self.lm.window)
-            if b > start + 1
-        ]
-        ids = torch.tensor([self.lm.start_token_id, *tokens], dtype=torch.long, device=self.lm.device)
-        total = 0.0
-        replays = self.params.replay if train_last else 0
-        if progress is not None:
-            progress(0, (len(tokens) - start) * (1 + replays))
-        with self.lm.lock, self._active(params):
-            for k, (a, b, first) in enumerate(spans):
-                last = k + 1 == len(spans)
-                total += self._block(ids, a, b, first, optimizer, train=train_last or not last)
-                if progress is not None:
-                    progress(b - first, 0)
-            for _ in range(replays):  # more passes over what was coded, before what follows it
-                for a, b, first in spans:
-                    self._block(ids, a, b, first, optimizer, train=True, code=False)
-                    if progress is not None:
-                        progress(b - first, 0)
-        state = AdaptState(
-            params=[p.detach().clone() for p in params],
-            optimizer=_clone(optimizer.state_dict()),
-            bits=total + (before.bits if before is not None else 0.0),
+        return params, optimizer
+
+    @staticmethod
+    def _snapshot(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, bits: float) -> AdaptState:
+        return AdaptState(
+            params=[p.detach().clone() for p in params], optimizer=_clone(optimizer.state_dict()), bits=bits
         )
-        return total, state
 
     def _block(
         self,

@@ -4,12 +4,14 @@ mixture, batch invariance, and a memory that finds what the window cannot see.""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
 import pytest
 import torch
 
+from models.adapt import AdaptCompressor
 from models.conditioning import conditioned
 from models.memory import MemoryCompressor, MemoryParams, mixture_bits, search
 from models.protocol import Segment, UnsupportedMode
@@ -172,3 +174,23 @@ def test_long_work_reports_progress_in_tokens(lm, mode: str) -> None:
     compressor.score([Segment((), tokens(100, 19))], progress=lambda done, planned: seen.append((done, planned)))
     assert sum(d for d, _ in seen) == sum(p for _, p in seen) == 100
     assert len([d for d, _ in seen if d]) >= 2
+
+
+def test_adapt_replay_changes_only_what_follows_x(lm) -> None:
+    """`replay` more passes over X train the model further before Y is coded: C(X) and C(Y) alone
+    keep their bits (and C(X) alone runs no replay pass), C(Y|X) changes, and the same bits come
+    whatever was asked first (the replayed state is built from the cached coded one)."""
+    x, y = tokens(150, 20), tokens(60, 21)
+    plain = conditioned(lm, "adapt", 1 << 26, 1 << 26)
+    params = dataclasses.replace(plain.params, replay=2)
+    first_x = AdaptCompressor(lm, params, 1 << 26)
+    work: list[int] = []
+    alone = first_x.score([Segment((), x)], progress=lambda done, planned: work.append(planned))[0]
+    assert sum(work) == len(x)  # coded once, no replay pass
+    assert alone == plain.score([Segment((), x)])[0]
+    joint = first_x.score([Segment(x, y)])[0]
+    assert joint.prefix_bits == alone.target_bits
+    assert joint.target_bits != plain.score([Segment(x, y)])[0].target_bits
+    joint_first = AdaptCompressor(lm, params, 0).score([Segment(x, y), Segment((), y)])  # nothing cached
+    assert joint_first[0] == joint
+    assert joint_first[1] == plain.score([Segment((), y)])[0]
