@@ -2,6 +2,7 @@
 with zstd and gzip in the same run (docs/BENCHMARKS.md, "Conditioning on a dataset").
 
     python benchmarks/conditioning.py containment --x-bytes 40000      # and --x-bytes 1000000
+    python benchmarks/conditioning.py containment --x-bytes 1000000 --modes memory --cases absent --threads 1
     python benchmarks/conditioning.py similarity                       # 4 x 4 AG News classes
     python benchmarks/conditioning.py prequential --bytes 1000000      # bits/byte of a stream
     python benchmarks/conditioning.py speed --x-bytes 200000           # tokens/s and memory per mode
@@ -56,6 +57,19 @@ def texts_by_label(path: Path) -> dict[str, list[str]]:
     return {k: list(dict.fromkeys(v)) for k, v in out.items()}
 
 
+def text_stream(args: argparse.Namespace, size: int) -> list[str]:
+    """The data's texts in a seeded random order, as many as make `size` bytes joined."""
+    pool = [t for ts in texts_by_label(Path(args.data)).values() for t in ts]
+    random.Random(args.seed).shuffle(pool)
+    stream, total = [], 0
+    for t in pool:
+        stream.append(t)
+        total += len(t.encode()) + len(RECORD_SEPARATOR.encode())
+        if total >= size:
+            break
+    return stream
+
+
 def conditional(registry: Registry, model: str, mode: str, x: str, y: str) -> tuple[float, float, float]:
     """(C(Y|X), C(Y), seconds) under one model and mode."""
     c = registry.get(model, mode)
@@ -93,6 +107,8 @@ def containment(registry: Registry, args: argparse.Namespace) -> dict:
     rows = {}
     for model, mode in [(c, "context") for c in CLASSICAL] + [(args.model, m) for m in args.modes]:
         for label, x in (("copy", x_copy), ("absent", x_absent)):
+            if label not in args.cases:
+                continue
             cyx, cy, seconds = conditional(registry, model, mode, x, y_text)
             rows[f"{model} {mode} {label}"] = {"C(Y|X)": cyx, "C(Y)": cy, "ratio": cyx / cy, "seconds": seconds}
             print(
@@ -140,15 +156,7 @@ def similarity(registry: Registry, args: argparse.Namespace) -> dict:
 
 
 def prequential(registry: Registry, args: argparse.Namespace) -> dict:
-    by_label = texts_by_label(Path(args.data))
-    pool = [t for ts in by_label.values() for t in ts]
-    random.Random(args.seed).shuffle(pool)
-    stream, size = [], 0
-    for t in pool:
-        stream.append(t)
-        size += len(t.encode()) + 3
-        if size >= args.bytes:
-            break
+    stream = text_stream(args, args.bytes)
     text = RECORD_SEPARATOR.join(stream)
     n = len(text.encode())
     conditions(args, f" · stream of {len(stream)} texts, {n} bytes")
@@ -177,15 +185,7 @@ def speed(registry: Registry, args: argparse.Namespace) -> dict:
         compressors = {m: conditioned(lm, m, registry.settings.memory_cache_bytes, 1 << 30) for m in args.modes}
         what = f"random weights, {len(x)} random tokens"
     else:
-        by_label = texts_by_label(Path(args.data))
-        pool = [t for ts in by_label.values() for t in ts]
-        random.Random(args.seed).shuffle(pool)
-        stream, size = [], 0
-        for t in pool:
-            stream.append(t)
-            size += len(t.encode()) + 3
-            if size >= args.x_bytes + 4000:
-                break
+        stream = text_stream(args, args.x_bytes + 4000)
         compressors = {m: registry.get(args.model, m) for m in args.modes}
         encode = next(iter(compressors.values())).encode
         tokens = list(encode(RECORD_SEPARATOR.join(stream)))
@@ -233,6 +233,8 @@ def main() -> int:
     ap.add_argument("--n-x", type=int, default=200)
     ap.add_argument("--n-y", type=int, default=20)
     ap.add_argument("--json", help="write the numbers here")
+    ap.add_argument("--cases", default="copy,absent", help="containment: which Xs (Y's copy in X, Y absent)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--random-weights", action="store_true", help="speed: the real shapes, random weights")
     ap.add_argument(
@@ -242,6 +244,9 @@ def main() -> int:
     )
     args = ap.parse_args()
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.adapt:
         base = ADAPT[args.model]
         pairs = (kv.split("=") for kv in args.adapt.split(","))
