@@ -6,7 +6,8 @@ before it — the area under the online training curve. A block is the scored pa
 window (`WindowPolicy`: the first window's 2,047 tokens, then `stride` tokens each), so a block is
 coded with the window's usual context and then trained on, in one forward pass. C(Y|X) codes Y's
 blocks the same way, starting from the model trained on all of X (X's last, partial block
-included: the blocks are cut at the X|Y boundary), and training on through Y, so
+included: the blocks are cut at the X|Y boundary), then `replay` more training passes over X's
+blocks (a decoder has X by then and can repeat them), and training on through Y, so
 C(X·Y) = C(X) + C(Y|X) exactly and C(Y) alone is Y's own prequential code.
 
 What trains: low-rank adapters (LoRA: W x + B A x, B = 0 at the start, A drawn from a seeded
