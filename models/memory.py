@@ -49,6 +49,7 @@ from models.protocol import Progress, Segment, SegmentBits, Symbols
 
 KEY_BLOCK = 4096  # keys per distance block: fixed, so a distance never depends on the memory's size
 MIN_BLOCK = 64  # keys per block minimum in the two-stage top-k
+QUERY_CHUNK = 256  # queries per pass over a key block: their distances (4 MB) stay in the cache
 _LN2 = math.log(2.0)
 _EPS = 1e-6
 
@@ -159,13 +160,14 @@ def window_starts(positions: torch.Tensor, context: int, stride: int) -> torch.T
     return torch.where(positions < context, torch.zeros_like(positions), later)
 
 
-def _distances(queries: torch.Tensor, q_norms: torch.Tensor, keys: torch.Tensor, k_norms: torch.Tensor) -> torch.Tensor:
-    """Squared L2 distances (m, n) of queries to one block of keys, clamped at 0."""
-    if keys.device.type == "cpu":
-        dots = tiled_matmul(queries, keys.T)
-    else:
-        dots = queries @ keys.T
-    return (q_norms[:, None] + k_norms[None, :] - 2 * dots).clamp_min_(0)
+def _distances(
+    queries: torch.Tensor, q_norms: torch.Tensor, keys_t: torch.Tensor, k_norms: torch.Tensor
+) -> torch.Tensor:
+    """Squared L2 distances (m, n) of queries to one block of keys (given transposed), clamped
+    at 0: (|q|² + |k|²) − 2 q·k, computed in place."""
+    dots = tiled_matmul(queries, keys_t) if keys_t.device.type == "cpu" else queries @ keys_t
+    out = q_norms[:, None] + k_norms[None, :]
+    return out.sub_(dots.mul_(2)).clamp_min_(0)
 
 
 def _block_topk(dist: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,7 +194,8 @@ def search(
     """The k nearest of keys[:limits[i]] for each query i: (distances, key rows), each (m, k),
     sorted; missing neighbours (fewer than k keys) have distance inf and row 0. Keys are taken in
     blocks of KEY_BLOCK (zero-padded), so every distance is computed the same way whatever the
-    memory's size or the batch."""
+    memory's size or the batch; queries go QUERY_CHUNK at a time, so a block's distances stay in
+    the cache (every step is per query: the chunks change no bits)."""
     m = len(queries)
     device = queries.device
     best_d = torch.full((m, k), math.inf, device=device)
@@ -200,25 +203,54 @@ def search(
     if m == 0 or len(keys) == 0:
         return best_d, best_i
     q_norms = (queries * queries).sum(1)
-    top_limit = int(limits.max())
-    for start in range(0, min(top_limit, len(keys)), KEY_BLOCK):
+    chunks = [slice(c, c + QUERY_CHUNK) for c in range(0, m, QUERY_CHUNK)]
+    for start in range(0, min(int(limits.max()), len(keys)), KEY_BLOCK):
         block = keys[start : start + KEY_BLOCK]
         block_norms = norms[start : start + KEY_BLOCK]
         if len(block) < KEY_BLOCK:
             pad = KEY_BLOCK - len(block)
             block = torch.cat([block, block.new_zeros(pad, block.shape[1])])
             block_norms = torch.cat([block_norms, block_norms.new_zeros(pad)])
-        rows = (limits > start).nonzero().squeeze(1)
-        dist = _distances(queries[rows], q_norms[rows], block, block_norms)
-        columns = torch.arange(start, start + KEY_BLOCK, device=device)
-        dist.masked_fill_(columns[None, :] >= limits[rows, None], math.inf)
-        d, i = _block_topk(dist, k)
-        merged_d = torch.cat([best_d[rows], d], 1)
-        merged_i = torch.cat([best_i[rows], i + start], 1)
-        top = merged_d.topk(k, dim=1, largest=False)
-        best_d[rows] = top.values
-        best_i[rows] = merged_i.gather(1, top.indices)
+        block_t = block.T
+        for c in chunks:
+            _search_block(queries[c], q_norms[c], limits[c], block_t, block_norms, start, k, best_d[c], best_i[c])
     return best_d, best_i
+
+
+def _search_block(
+    queries: torch.Tensor,
+    q_norms: torch.Tensor,
+    limits: torch.Tensor,
+    block_t: torch.Tensor,
+    block_norms: torch.Tensor,
+    start: int,
+    k: int,
+    best_d: torch.Tensor,
+    best_i: torch.Tensor,
+) -> None:
+    """Merge the k nearest keys of one block (its first row is key `start`) into best_d/best_i
+    (views, updated in place) for the queries whose limit reaches into the block."""
+    active = limits > start
+    if not bool(active.any()):
+        return
+    every = bool(active.all())
+    rows = None if every else active.nonzero().squeeze(1)
+    if not every:
+        queries, q_norms, limits = queries[rows], q_norms[rows], limits[rows]
+    dist = _distances(queries, q_norms, block_t, block_norms)
+    if int(limits.min()) < start + KEY_BLOCK:  # some query's limit falls inside the block
+        columns = torch.arange(start, start + KEY_BLOCK, device=dist.device)
+        dist.masked_fill_(columns[None, :] >= limits[:, None], math.inf)
+    d, i = _block_topk(dist, k)
+    old_d, old_i = (best_d, best_i) if every else (best_d[rows], best_i[rows])
+    top = torch.cat([old_d, d], 1).topk(k, dim=1, largest=False)
+    merged_i = torch.cat([old_i, i + start], 1).gather(1, top.indices)
+    if every:
+        best_d.copy_(top.values)
+        best_i.copy_(merged_i)
+    else:
+        best_d[rows] = top.values
+        best_i[rows] = merged_i
 
 
 def mixture_bits(

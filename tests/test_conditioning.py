@@ -138,6 +138,28 @@ def test_search_is_exact_and_respects_limits() -> None:
         assert torch.allclose(d[i, : len(best.values)], best.values, rtol=1e-4, atol=1e-3)
 
 
+
+def test_search_is_the_same_whatever_the_query_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Queries go through a key block QUERY_CHUNK at a time: a query's neighbours (ties among
+    duplicated keys included) must not depend on that chunking or on the other queries."""
+    import models.memory as memory
+
+    g = torch.Generator().manual_seed(2)
+    keys = torch.randn(9000, 8, generator=g)
+    keys[6000:6100] = keys[:100]  # duplicated keys: equal distances
+    queries = torch.cat([keys[40:60], torch.randn(580, 8, generator=g)])
+    limits = torch.sort(torch.randint(0, 9001, (600,), generator=g)).values
+    norms = (keys * keys).sum(1)
+    results = []
+    for chunk in (1, 7, 256, 10_000):
+        monkeypatch.setattr(memory, "QUERY_CHUNK", chunk)
+        results.append(search(queries, keys, norms, limits, 4))
+    for d, rows in results[1:]:
+        assert torch.equal(d, results[0][0]) and torch.equal(rows, results[0][1])
+    alone = [search(queries[i : i + 1], keys, norms, limits[i : i + 1], 4) for i in (0, 25, 599)]
+    for i, (d, rows) in zip((0, 25, 599), alone, strict=True):
+        assert torch.equal(d[0], results[0][0][i]) and torch.equal(rows[0], results[0][1][i])
+
 def test_classical_models_offer_context_only() -> None:
     from models.classical import ClassicalCompressor
 
