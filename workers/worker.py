@@ -346,13 +346,21 @@ class Worker:
         self.metrics.stage.labels("batch").observe(time.perf_counter() - started)
         log.debug("batch of %d in %.3f s", len(batch), time.perf_counter() - started)
 
-    async def _process_scores(self, batch: list[Entry]) -> None:
+    async def _prepared(self, batch: list[Entry], prepare: Callable[[list[Entry]], Awaitable[T]]) -> T | None:
+        """`prepare(batch)`, retried while Redis is away; None if it still fails (the batch is
+        then released, so its entries are redelivered)."""
         try:
-            live, values, texts = await self._retrying(lambda: self._prepare(batch))
+            return await self._retrying(lambda: prepare(batch))
         except Exception:
             log.exception("could not prepare a batch; its entries will be redelivered")
             self._release(batch)
+            return None
+
+    async def _process_scores(self, batch: list[Entry]) -> None:
+        prepared = await self._prepared(batch, self._prepare)
+        if prepared is None:
             return
+        live, values, texts = prepared
         out = Outcome(live)
         failed, errors, computed = out.failed, out.errors, out.computed
         todo: dict[tuple[str, str], dict[Task, list[Entry]]] = {}
@@ -399,12 +407,10 @@ class Worker:
     async def _process_classify(self, batch: list[Entry]) -> None:
         """Classify tasks (workers/classifying.py), grouped by classifier: each group runs as one
         prediction on the classifier fitted in this process, its model passes cached in Redis."""
-        try:
-            live, definitions, texts = await self._retrying(lambda: self._prepare_classify(batch))
-        except Exception:
-            log.exception("could not prepare a batch; its entries will be redelivered")
-            self._release(batch)
+        prepared = await self._prepared(batch, self._prepare_classify)
+        if prepared is None:
             return
+        live, definitions, texts = prepared
         out = Outcome(live)
         failed, errors, recorded = out.failed, out.errors, out.recorded
         groups: dict[str, list[Entry]] = {}
