@@ -194,8 +194,8 @@ def search(
     """The k nearest of keys[:limits[i]] for each query i: (distances, key rows), each (m, k),
     sorted; missing neighbours (fewer than k keys) have distance inf and row 0. Keys are taken in
     blocks of KEY_BLOCK (zero-padded), so every distance is computed the same way whatever the
-    memory's size or the batch; queries go QUERY_CHUNK at a time, so a block's distances stay in
-    the cache (every step is per query: the chunks change no bits)."""
+    memory's size or the batch; on the CPU queries go QUERY_CHUNK at a time, so a block's
+    distances stay in the cache (every step is per query: the chunks change no bits)."""
     m = len(queries)
     device = queries.device
     best_d = torch.full((m, k), math.inf, device=device)
@@ -203,7 +203,8 @@ def search(
     if m == 0 or len(keys) == 0:
         return best_d, best_i
     q_norms = (queries * queries).sum(1)
-    chunks = [slice(c, c + QUERY_CHUNK) for c in range(0, m, QUERY_CHUNK)]
+    size = QUERY_CHUNK if device.type == "cpu" else m  # a GPU takes the whole product at once
+    chunks = [slice(c, c + size) for c in range(0, m, size)]
     for start in range(0, min(int(limits.max()), len(keys)), KEY_BLOCK):
         block = keys[start : start + KEY_BLOCK]
         block_norms = norms[start : start + KEY_BLOCK]
@@ -233,24 +234,15 @@ def _search_block(
     active = limits > start
     if not bool(active.any()):
         return
-    every = bool(active.all())
-    rows = None if every else active.nonzero().squeeze(1)
-    if not every:
-        queries, q_norms, limits = queries[rows], q_norms[rows], limits[rows]
-    dist = _distances(queries, q_norms, block_t, block_norms)
-    if int(limits.min()) < start + KEY_BLOCK:  # some query's limit falls inside the block
+    rows = slice(None) if bool(active.all()) else active.nonzero().squeeze(1)
+    dist = _distances(queries[rows], q_norms[rows], block_t, block_norms)
+    if int(limits[rows].min()) < start + KEY_BLOCK:  # some query's limit falls inside the block
         columns = torch.arange(start, start + KEY_BLOCK, device=dist.device)
-        dist.masked_fill_(columns[None, :] >= limits[:, None], math.inf)
+        dist.masked_fill_(columns[None, :] >= limits[rows, None], math.inf)
     d, i = _block_topk(dist, k)
-    old_d, old_i = (best_d, best_i) if every else (best_d[rows], best_i[rows])
-    top = torch.cat([old_d, d], 1).topk(k, dim=1, largest=False)
-    merged_i = torch.cat([old_i, i + start], 1).gather(1, top.indices)
-    if every:
-        best_d.copy_(top.values)
-        best_i.copy_(merged_i)
-    else:
-        best_d[rows] = top.values
-        best_i[rows] = merged_i
+    top = torch.cat([best_d[rows], d], 1).topk(k, dim=1, largest=False)
+    best_i[rows] = torch.cat([best_i[rows], i + start], 1).gather(1, top.indices)
+    best_d[rows] = top.values
 
 
 def mixture_bits(
