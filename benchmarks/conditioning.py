@@ -119,7 +119,9 @@ def containment(registry: Registry, args: argparse.Namespace) -> dict:
     return rows
 
 
-def similarity(registry: Registry, args: argparse.Namespace) -> dict:
+def class_datasets(args: argparse.Namespace) -> tuple[list[str], dict[str, str], dict[str, str]]:
+    """The first 4 classes of the data, and per class X (n_x texts) and Y (the next n_y texts) of
+    a seeded shuffle, each joined as one dataset."""
     by_label = texts_by_label(Path(args.data))
     rng = random.Random(args.seed)
     classes = sorted(by_label)[:4]
@@ -128,6 +130,11 @@ def similarity(registry: Registry, args: argparse.Namespace) -> dict:
         ts = list(by_label[c])
         rng.shuffle(ts)
         xs[c], ys[c] = RECORD_SEPARATOR.join(ts[: args.n_x]), RECORD_SEPARATOR.join(ts[args.n_x : args.n_x + args.n_y])
+    return classes, xs, ys
+
+
+def similarity(registry: Registry, args: argparse.Namespace) -> dict:
+    classes, xs, ys = class_datasets(args)
     conditions(args, f" · classes {classes}, X = {args.n_x} texts, Y = {args.n_y} texts")
     out = {}
     for model, mode in [(c, "context") for c in CLASSICAL] + [(args.model, m) for m in args.modes]:

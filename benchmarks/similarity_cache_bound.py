@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import random
 import sys
 from pathlib import Path
 
@@ -22,9 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conditioning import DATA, conditions, texts_by_label  # noqa: E402
+from conditioning import DATA, class_datasets, conditions  # noqa: E402
 
-from codelen.datasets import RECORD_SEPARATOR  # noqa: E402
 from codelen.settings import Settings  # noqa: E402
 from models.registry import Registry  # noqa: E402
 
@@ -55,14 +53,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    by_label = texts_by_label(Path(args.data))
-    rng = random.Random(args.seed)
-    classes = sorted(by_label)[:4]
-    xs, ys = {}, {}
-    for c in classes:
-        ts = list(by_label[c])
-        rng.shuffle(ts)
-        xs[c], ys[c] = RECORD_SEPARATOR.join(ts[: args.n_x]), RECORD_SEPARATOR.join(ts[args.n_x : args.n_x + args.n_y])
+    classes, xs, ys = class_datasets(args)
     conditions(args, f" · classes {classes}, X = {args.n_x} texts, Y = {args.n_y} texts · unigram cache bound")
     lm = Registry(Settings()).get(args.model, "context")
     vocab = int(lm.head_weight.shape[0])

@@ -138,7 +138,6 @@ def test_search_is_exact_and_respects_limits() -> None:
         assert torch.allclose(d[i, : len(best.values)], best.values, rtol=1e-4, atol=1e-3)
 
 
-
 def test_search_is_the_same_whatever_the_query_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
     """Queries go through a key block QUERY_CHUNK at a time: a query's neighbours (ties among
     duplicated keys included) must not depend on that chunking or on the other queries."""
@@ -159,6 +158,7 @@ def test_search_is_the_same_whatever_the_query_chunk(monkeypatch: pytest.MonkeyP
     alone = [search(queries[i : i + 1], keys, norms, limits[i : i + 1], 4) for i in (0, 25, 599)]
     for i, (d, rows) in zip((0, 25, 599), alone, strict=True):
         assert torch.equal(d[0], results[0][0][i]) and torch.equal(rows[0], results[0][1][i])
+
 
 def test_classical_models_offer_context_only() -> None:
     from models.classical import ClassicalCompressor
