@@ -9,10 +9,14 @@ Cases (all coded as the service codes them, through `MemoryCompressor.neighbours
 - similarity: the 4 largest classes as datasets, X = 60 texts of a class, Y = 8 other texts of a
   class: C(Y|X) for all 16 pairs, and each X's own tokens.
 
-The rule: k = 16 and λ_max = 0.9999 fixed; (a, b, c, T) minimise the mean over cases of
-log(C_memory / C_context) — each case's relative saving counts the same, whatever its size. Adam,
-800 steps, from (3, -1, 0.5, T = 5). Prints the parameters for `models/conditioning.py` and every
-case's ratio; the neighbours are computed once, so refitting is seconds.
+The rule: k = 16 and λ_max = μ_max = 0.9999 fixed; (a, b, c, T) and the copy model's (α, β)
+minimise the mean over cases of log(C_memory / C_context) — each case's relative saving counts the
+same, whatever its size — for each copy order in --orders (0: no copy model), and the order with the
+lowest wins. Adam, 800 steps, from (3, -1, 0.5, T = 5, α = 0, β = 1). Prints the parameters for
+`models/conditioning.py` and every case's ratio; the neighbours are computed once (and kept with
+--cases), so refitting is seconds.
+
+    python benchmarks/conditioning_fit.py --cases /tmp/r8-cases.pt   # 22 min on one CPU thread, then ~1 min an order
 """
 
 from __future__ import annotations
@@ -34,12 +38,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from classify.data import load_examples  # noqa: E402
 from codelen.datasets import RECORD_SEPARATOR  # noqa: E402
 from models.lm import load_lm_compressor  # noqa: E402
-from models.memory import Memory, MemoryCompressor, MemoryParams, Neighbours, mixture_bits  # noqa: E402
+from models.memory import Memory, MemoryCompressor, MemoryParams, Neighbours, copy_predictions, mixture_bits  # noqa: E402
 from models.protocol import Conditioning  # noqa: E402
 
 
-def cases_for(compressor: MemoryCompressor, texts: dict[str, list[str]], seed: int) -> dict[str, tuple]:
-    """name -> (neighbours of the coded tokens, run before them, C_context of those tokens)."""
+@dataclasses.dataclass
+class Case:
+    found: Neighbours  # the coded tokens' LM bits and neighbours
+    run: int  # the kNN run before them
+    context_bits: float  # C_context of those tokens
+    sequence: list[int]  # X, or X then Y
+    first: int  # the first coded token of `sequence`
+    x: str | None  # the case whose X precedes (its copy model's state is this one's start)
+
+
+def cases_for(compressor: MemoryCompressor, texts: dict[str, list[str]], seed: int) -> dict[str, Case]:
+    """name -> case: the neighbours of the coded tokens and what the copy model needs."""
     lm = compressor.lm
     rng = random.Random(seed)
     pool = list(dict.fromkeys(t for ts in texts.values() for t in ts))
@@ -53,37 +67,66 @@ def cases_for(compressor: MemoryCompressor, texts: dict[str, list[str]], seed: i
         xs[f"class {c}"], ys[c] = ts[:60], ts[60:68]
     pairs = [("copy", "y"), ("absent", "y")] + [(f"class {ci}", cj) for ci in classes for cj in classes]
     encoded = {n: list(lm.encode(RECORD_SEPARATOR.join(t))) for n, t in {**xs, **ys}.items()}
-    out: dict[str, tuple] = {}
+    out: dict[str, Case] = {}
     for name in xs:
         x = encoded[name]
         own = compressor.neighbours(x, None)
-        out[f"{name}: X itself"] = (own, 0, float(own.lm_bits.sum()))
+        out[f"{name}: X itself"] = Case(own, 0, float(own.lm_bits.sum()), x, 0, None)
         hits = own.has_memory & (own.tokens[:, 0] == own.targets)
         memory = Memory(own.keys, own.norms, own.targets, torch.zeros(len(x), dtype=torch.float64), hits)
         for xn, yn in pairs:
             if xn == name:
-                after = compressor.neighbours([*x, *encoded[yn]], memory)
-                out[f"{name}: Y={yn}"] = (after, memory.run_at_end(), float(after.lm_bits.sum()))
+                xy = [*x, *encoded[yn]]
+                after = compressor.neighbours(xy, memory)
+                out[f"{name}: Y={yn}"] = Case(
+                    after, memory.run_at_end(), float(after.lm_bits.sum()), xy, len(x), f"{name}: X itself"
+                )
     return out
 
 
-def total_bits(found: Neighbours, run: int, params: object) -> torch.Tensor:
-    bits, _ = mixture_bits(found.lm_bits, found.targets, found.distances, found.tokens, found.has_memory, run, params)
+def copies(cases: dict[str, Case], order: int) -> dict[str, tuple]:
+    """name -> the copy model's (predicted, matched) for each case's coded tokens."""
+    out, states = {}, {}
+    for name, case in sorted(cases.items(), key=lambda kv: kv[1].x is not None):  # Xs first
+        state = states[case.x] if case.x else (-1, 0)
+        predicted, matched, states[name] = copy_predictions(
+            case.sequence, case.first, case.found.limits.tolist(), order, state
+        )
+        out[name] = (predicted, matched)
+    return out
+
+
+def total_bits(case: Case, params: object, copy: tuple = (None, None)) -> torch.Tensor:
+    f = case.found
+    bits, _ = mixture_bits(f.lm_bits, f.targets, f.distances, f.tokens, f.has_memory, case.run, params, *copy)
     return bits.sum()
 
 
-def fit(cases: dict[str, tuple], k: int, steps: int = 800) -> dict[str, float]:
-    values = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (3.0, -1.0, 0.5, math.log(5.0))]
+def fit(cases: dict[str, Case], k: int, order: int = 0, steps: int = 800) -> dict[str, float]:
+    """(a, b, c, T), and with a copy model of `order` tokens (α, β), minimising the mean log ratio."""
+    start = (3.0, -1.0, 0.5, math.log(5.0)) + ((0.0, 1.0) if order else ())
+    values = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in start]
+    copy = copies(cases, order) if order else {}
     optimizer = torch.optim.Adam(values, lr=0.05)
     for _ in range(steps):
-        a, b, c, log_t = values
-        params = SimpleNamespace(bias=a, distance=b, run=c, temperature=torch.exp(log_t), max_weight=0.9999, k=k)
-        loss = sum(torch.log(total_bits(f, r, params) / ctx) for f, r, ctx in cases.values()) / len(cases)
+        params = _params(values, k, order)
+        ratios = [total_bits(c, params, copy.get(n, (None, None))) / c.context_bits for n, c in cases.items()]
+        loss = sum(torch.log(r) for r in ratios) / len(cases)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    a, b, c, log_t = (float(v) for v in values)
-    return {"bias": a, "distance": b, "run": c, "temperature": math.exp(log_t), "loss": float(loss)}
+    params = _params([float(v.detach()) for v in values], k, order)
+    return {**vars(params), "loss": float(loss), "copy": copy}
+
+
+def _params(values: list, k: int, order: int) -> SimpleNamespace:
+    a, b, c, log_t = values[:4]
+    alpha, beta = values[4:] if order else (0.0, 0.0)
+    temperature = torch.exp(log_t) if isinstance(log_t, torch.Tensor) else math.exp(log_t)
+    return SimpleNamespace(
+        bias=a, distance=b, run=c, temperature=temperature, max_weight=0.9999, k=k,
+        order=order, copy_bias=alpha, copy_length=beta, copy_max=0.9999,
+    )  # fmt: skip
 
 
 def main() -> int:
@@ -91,32 +134,45 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/r8/r8_train.txt"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--orders", default="0,3,4,6,8", help="copy model orders to fit (0: none); the lowest loss wins")
+    ap.add_argument("--cases", help="keep the cases' neighbours in this file (refits then take seconds)")
     args = ap.parse_args()
     started = time.time()
-    lm = load_lm_compressor(args.model)
     k = 16
-    # The mode as this run fits it (whatever parameters the model ships with, if any).
-    lm.info = dataclasses.replace(
-        lm.info, modes=(*(m for m in lm.info.modes if m.mode != "memory"), Conditioning("memory", (), "fit"))
-    )
-    compressor = MemoryCompressor(lm, MemoryParams(k=k, temperature=1.0, bias=0.0, distance=0.0, run=0.0), 0)
-    texts: dict[str, list[str]] = {}
-    for e in load_examples(Path(args.data)):
-        texts.setdefault(e.label, []).append(e.text)
+    if args.cases and Path(args.cases).exists():
+        cases = torch.load(args.cases, weights_only=False)
+    else:
+        lm = load_lm_compressor(args.model)
+        # The mode as this run fits it (whatever parameters the model ships with, if any).
+        lm.info = dataclasses.replace(
+            lm.info, modes=(*(m for m in lm.info.modes if m.mode != "memory"), Conditioning("memory", (), "fit"))
+        )
+        compressor = MemoryCompressor(lm, MemoryParams(k=k, temperature=1.0, bias=0.0, distance=0.0, run=0.0), 0)
+        texts: dict[str, list[str]] = {}
+        for e in load_examples(Path(args.data)):
+            texts.setdefault(e.label, []).append(e.text)
+        cases = cases_for(compressor, texts, args.seed)
+        if args.cases:
+            torch.save(cases, args.cases)
     print(f"# {args.model} on {args.data}, seed {args.seed}; {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")  # fmt: skip
-    cases = cases_for(compressor, texts, args.seed)
-    print(
-        f"# neighbours of {sum(len(f.targets) for f, _, _ in cases.values())} tokens in {time.time() - started:.0f} s"
-    )
-    result = fit(cases, k)
-    print(
-        f"MemoryParams(k={k}, temperature={result['temperature']:.3g}, bias={result['bias']:.3g}, "
-        f"distance={result['distance']:.3g}, run={result['run']:.3g})   mean log ratio {result['loss']:.4f}"
-    )
-    params = SimpleNamespace(**{n: result[n] for n in ("bias", "distance", "run", "temperature")}, max_weight=0.9999)
-    for name, (found, run, ctx) in cases.items():
-        mem = float(total_bits(found, run, params))
+    tokens = sum(len(c.found.targets) for c in cases.values())
+    print(f"# neighbours of {tokens} tokens in {time.time() - started:.0f} s")
+    results = {}
+    for order in (int(o) for o in args.orders.split(",")):
+        results[order] = r = fit(cases, k, order)
+        copy = f", order={order}, copy_bias={r['copy_bias']:.3g}, copy_length={r['copy_length']:.3g}" if order else ""
+        print(
+            f"MemoryParams(k={k}, temperature={r['temperature']:.3g}, bias={r['bias']:.3g}, "
+            f"distance={r['distance']:.3g}, run={r['run']:.3g}{copy})   mean log ratio {r['loss']:.4f}"
+        )
+    order = min(results, key=lambda o: results[o]["loss"])
+    best = results[order]
+    print(f"# lowest: order {order}")
+    params = SimpleNamespace(**{n: v for n, v in best.items() if n not in ("loss", "copy")})
+    for name, case in cases.items():
+        mem = float(total_bits(case, params, best["copy"].get(name, (None, None))))
+        ctx = case.context_bits
         print(f"{name:24s} context {ctx:10.0f} bits   memory {mem:10.0f}   ratio {mem / ctx:.3f}")
     return 0
 

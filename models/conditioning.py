@@ -16,11 +16,16 @@ from models.memory import MemoryCompressor, MemoryParams
 from models.protocol import CONTEXT, Compressor, Conditioning, WindowPolicy
 
 # Fitted on R8 (Reuters, lower-cased): containment (10 texts copied into the middle of ~100 KB) and
-# 4 classes as datasets, by the mean log ratio C_memory / C_context over those cases.
+# 4 classes as datasets, by the mean log ratio C_memory / C_context over those cases; the copy
+# model's order (3) is the one of 0 (none), 3, 4, 6, 8 with the lowest (benchmarks/conditioning_fit.py).
 MEMORY: dict[str, MemoryParams] = {
-    "smollm2-135m": MemoryParams(k=16, temperature=21.2, bias=9.96, distance=-2.11, run=1.23),
+    "smollm2-135m": MemoryParams(
+        k=16, temperature=65.1, bias=7.06, distance=-1.57, run=-0.141, order=3, copy_bias=-5.28, copy_length=3.13
+    ),
     # The tiny random model of the tests: distances of its 64-wide states are about 50 to 500.
-    "tiny-random": MemoryParams(k=8, temperature=10.0, bias=8.0, distance=-2.0, run=1.0),
+    "tiny-random": MemoryParams(
+        k=8, temperature=10.0, bias=8.0, distance=-2.0, run=1.0, order=3, copy_bias=0.0, copy_length=1.0
+    ),
 }
 # Chosen on R8 (4 classes, X = 60 texts, Y = 8 texts) by the rule "lowest prequential code of X
 # within twice the CPU time of one training step per block": lr 3e-3 with 2 steps coded X in

@@ -17,9 +17,20 @@ d_1 <= ... <= d_k, tokens v_1..v_k),
     p(t) = (1 - λ) p_LM(t) + λ p_mem(t)
 
 where r counts the tokens right before t whose nearest key named them (a copy in progress: the
-run an LZ77 match would extend). Everything λ and p_mem depend on is known to a decoder before t
-(the states, the memory, and whether earlier tokens matched), and both parts are distributions
-over the vocabulary, so the mixture is a decodable code; a token with an empty memory (the first
+run an LZ77 match would extend). A copy model then follows one earlier occurrence, as LZ77 and
+PAQ's match model do: if the last `order` tokens occurred before the window, the token that
+followed them there (the latest such occurrence) is predicted, and the pointer moves on while it
+predicts right; with L the tokens it has matched (counted back from t on a fresh occurrence, then
+one more per right prediction),
+
+    μ = μ_max · σ(α + β · ln L)
+    p'(t) = (1 - μ) p(t) + μ [t = the predicted token]
+
+It carries a copy across record boundaries, where every record's start looks alike to the
+hidden states (a separator) and the nearest keys pick any record. Everything λ, p_mem and μ
+depend on is known to a decoder before t (the states, the memory, the earlier tokens and whether
+they matched), and every part is a distribution over the vocabulary, so the mixture is a decodable
+code; a token with an empty memory (the first
 window) is coded by the LM alone. Coding is sequential, so C(X·Y) = C(X) + C(Y|X) and C(X) alone
 is the X part of C(X·Y).
 
@@ -64,6 +75,10 @@ class MemoryParams:
     distance: float  # b, the weight of ln(nearest squared distance)
     run: float  # c, the weight of ln(1 + tokens just matched)
     max_weight: float = 0.9999  # λ_max: the LM keeps at least 1e-4 of the mass
+    order: int = 0  # the copy model's context in tokens (0: no copy model)
+    copy_bias: float = 0.0  # α
+    copy_length: float = 0.0  # β, the weight of ln(tokens the copy has matched)
+    copy_max: float = 0.9999  # μ_max
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -75,11 +90,23 @@ class MemoryParams:
                 f"{self.max_weight} * sigmoid({self.bias} + {self.distance} * ln(d_min + 1e-6) "
                 f"+ {self.run} * ln(1 + tokens just matched))"
             ),
-        }
+        } | (
+            {
+                "copy": (
+                    f"the token after the latest earlier occurrence (before the window) of the last {self.order} "
+                    "tokens, followed while it predicts right"
+                ),
+                "copy_weight": f"{self.copy_max} * sigmoid({self.copy_bias} + {self.copy_length} * ln(tokens matched))",
+            }
+            if self.order
+            else {}
+        )
 
     @property
     def key(self) -> str:
         raw = f"{self.k}:{self.temperature}:{self.bias}:{self.distance}:{self.run}:{self.max_weight}"
+        if self.order:
+            raw += f":{self.order}:{self.copy_bias}:{self.copy_length}:{self.copy_max}"
         return "mem" + hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 
@@ -92,6 +119,7 @@ class Memory:
     values: torch.Tensor  # (n,) long, CPU: the tokens
     bits: torch.Tensor  # (n,) float64, CPU: each token's bits under the mixture
     hits: torch.Tensor  # (n,) bool, CPU: whether the nearest key named the token
+    copy_state: tuple[int, int] = (-1, 0)  # the copy model after the last token: (pointer, tokens matched)
 
     @property
     def nbytes(self) -> int:
@@ -111,6 +139,7 @@ class Neighbours:
     distances: torch.Tensor  # (n, k) float32: squared distances of the nearest keys, inf where none
     tokens: torch.Tensor  # (n, k) long: the tokens those keys predicted
     has_memory: torch.Tensor  # (n,) bool: whether any key was before the token's window
+    limits: torch.Tensor  # (n,) long: how many memory rows (tokens) lie before the token's window
     keys: torch.Tensor  # (n, d) float32, on the model's device
     norms: torch.Tensor  # (n,) float32
 
@@ -245,6 +274,60 @@ def _search_block(
     best_d[rows] = top.values
 
 
+_HASH = np.uint64(0x9E3779B97F4A7C15)
+_MAX_MATCH = 1 << 20  # the length a match counts at most (its weight saturates long before)
+
+
+def copy_predictions(
+    sequence: Sequence[int], first: int, limits: Sequence[int], order: int, state: tuple[int, int] = (-1, 0)
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """The copy model over tokens first.. of `sequence` (see the module docstring): for each, the
+    predicted token (-1: none) and the tokens matched so far, (n,) long and (n,) float64; and its
+    state after the last token. `limits[i]` is how many tokens lie before token first + i's
+    window (a pointer must stay below it); `state` is the model's after token first - 1."""
+    seq = np.asarray(sequence, dtype=np.int64)
+    n, m = len(seq), len(seq) - first
+    if n <= order or m <= 0:
+        return torch.full((max(m, 0),), -1, dtype=torch.long), torch.zeros(max(m, 0), dtype=torch.float64), state
+    # h[t]: a hash of the `order` tokens before t (t >= order); found[i]: the latest t' below
+    # token first + i's limit with the same hash (-1: none), by a binary search in (hash, t') order.
+    h = np.zeros(n, dtype=np.uint64)
+    for i in range(1, order + 1):
+        h[order:] = (h[order:] * _HASH) ^ seq[order - i : n - i].astype(np.uint64)
+    positions = np.arange(order, n, dtype=np.int64)
+    by_hash = positions[np.argsort(h[order:], kind="stable")]
+    group = np.concatenate([[0], np.cumsum(h[by_hash[1:]] != h[by_hash[:-1]])]).astype(np.int64)
+    group_of = np.zeros(n, dtype=np.int64)
+    group_of[by_hash] = group
+    keys = group * (n + 1) + by_hash  # sorted
+    targets = np.arange(first, n, dtype=np.int64)
+    limit = np.minimum(np.asarray(limits, dtype=np.int64), targets)
+    at = np.searchsorted(keys, group_of[targets] * (n + 1) + limit, side="left") - 1
+    ok = (targets >= order) & (at >= 0)
+    hit = np.where(ok, at, 0)
+    ok &= (group[hit] == group_of[targets]) & (by_hash[hit] >= order)
+    found = np.where(ok, by_hash[hit], -1).tolist()
+    tokens = seq.tolist()
+    ptr, matched = state
+    predicted, lengths = [-1] * m, [0] * m
+    for i, t in enumerate(range(first, n)):
+        if ptr >= limits[i]:
+            ptr, matched = -1, 0
+        if ptr < 0:
+            s = found[i]
+            if s >= 0 and tokens[s - order : s] == tokens[t - order : t]:  # not a hash collision
+                ptr, matched = s, order
+                while matched < min(s, 64) and tokens[s - matched - 1] == tokens[t - matched - 1]:
+                    matched += 1  # how far back the occurrence agrees (up to 64 tokens)
+        if ptr >= 0:
+            predicted[i], lengths[i] = tokens[ptr], matched
+            if tokens[t] == tokens[ptr]:
+                ptr, matched = ptr + 1, min(matched + 1, _MAX_MATCH)
+            else:
+                ptr, matched = -1, 0
+    return torch.tensor(predicted, dtype=torch.long), torch.tensor(lengths, dtype=torch.float64), (ptr, matched)
+
+
 def mixture_bits(
     lm_bits: torch.Tensor,
     targets: torch.Tensor,
@@ -253,12 +336,15 @@ def mixture_bits(
     has_memory: torch.Tensor,
     run_before: int,
     params: MemoryParams,
+    predicted: torch.Tensor | None = None,
+    matched: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Bits of consecutive tokens under the mixture, and whether each one's nearest key named it.
 
     lm_bits (n,) float64 and targets (n,) are the tokens in order; dist/neighbours (n, k) their
     neighbours' squared distances and tokens (rows without memory are ignored); `run_before` the
-    tokens matched in a row just before the first one. All on the CPU."""
+    tokens matched in a row just before the first one; predicted/matched (n,) the copy model's
+    (`copy_predictions`; none: no copy model). All on the CPU."""
     hits = has_memory & (neighbours[:, 0] == targets)
     # r[t]: consecutive hits right before t, continuing the run that ended at `run_before`.
     n = len(targets)
@@ -279,6 +365,12 @@ def mixture_bits(
         lam = params.max_weight * torch.sigmoid(logit)
         p_lm = torch.exp2(-lm_bits[rows])
         out[rows] = -torch.log2((1 - lam) * p_lm + lam * p_mem)
+    if predicted is not None and matched is not None:
+        rows = (predicted >= 0).nonzero().squeeze(1)
+        if len(rows):
+            mu = params.copy_max * torch.sigmoid(params.copy_bias + params.copy_length * torch.log(matched[rows]))
+            right = (predicted[rows] == targets[rows]).to(torch.float64)
+            out[rows] = -torch.log2((1 - mu) * torch.exp2(-out[rows]) + mu * right)
     return out, hits
 
 
@@ -336,10 +428,15 @@ class MemoryCompressor:
         the tokens coded, with their bits."""
         found = self.neighbours(tokens, before, progress)
         run = before.run_at_end() if before is not None else 0
+        copy: tuple = (None, None, (-1, 0))
+        if self.params.order:
+            start = len(tokens) - len(found.targets)
+            state = before.copy_state if before is not None else (-1, 0)
+            copy = copy_predictions(tokens, start, found.limits.tolist(), self.params.order, state)
         bits, hits = mixture_bits(
-            found.lm_bits, found.targets, found.distances, found.tokens, found.has_memory, run, self.params
+            found.lm_bits, found.targets, found.distances, found.tokens, found.has_memory, run, self.params, *copy[:2]
         )
-        return Memory(keys=found.keys, norms=found.norms, values=found.targets, bits=bits, hits=hits)
+        return Memory(found.keys, found.norms, found.targets, bits, hits, copy[2])
 
     def neighbours(self, tokens: Sequence[int], before: Memory | None, progress: Progress | None = None) -> Neighbours:
         """The LM's bits and the k nearest memory entries of every token after those `before`
@@ -357,6 +454,7 @@ class MemoryCompressor:
         distances = torch.full((n, k), math.inf)
         neighbour_tokens = torch.zeros((n, k), dtype=torch.long)
         has_memory = torch.zeros(n, dtype=torch.bool)
+        limits = torch.zeros(n, dtype=torch.long)
         ends = [end - 1 for _, end, _ in window_spans(len(tokens) + 1, self.lm.window) if end - 1 > start]
         context, stride = self.lm.window.context_tokens, self.lm.window.stride
         filled = 0
@@ -380,11 +478,12 @@ class MemoryCompressor:
             lm_bits[rows] = bits
             distances[rows] = d.cpu()
             neighbour_tokens[rows] = memory_values[found.cpu().clamp_max(len(memory_values) - 1)]
-            has_memory[rows] = (limit_before + limit_own) > 0
+            limits[rows] = (limit_before + limit_own).cpu()
+            has_memory[rows] = limits[rows] > 0
             if progress is not None:
                 progress(end - start - filled, 0)
             filled = end - start
-        return Neighbours(lm_bits, targets, distances, neighbour_tokens, has_memory, keys, norms)
+        return Neighbours(lm_bits, targets, distances, neighbour_tokens, has_memory, limits, keys, norms)
 
     def _nearest(
         self,

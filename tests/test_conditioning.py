@@ -13,7 +13,7 @@ import torch
 
 from models.adapt import AdaptCompressor
 from models.conditioning import conditioned
-from models.memory import MemoryCompressor, MemoryParams, mixture_bits, search
+from models.memory import MemoryCompressor, MemoryParams, copy_predictions, mixture_bits, search
 from models.protocol import Segment, UnsupportedMode
 from models.tiny import tiny_compressor
 
@@ -106,20 +106,48 @@ def test_the_mixture_is_a_distribution() -> None:
     p_lm = torch.softmax(torch.randn(vocab, generator=g, dtype=torch.float64), 0)
     dist = torch.sort(torch.rand(1, k, generator=g) * 30).values.expand(vocab, k)
     neighbours = torch.tensor([[3, 7, 3, 11]]).expand(vocab, k)
-    params = MemoryParams(k=k, temperature=5.0, bias=3.0, distance=-1.0, run=1.0)
+    params = MemoryParams(
+        k=k, temperature=5.0, bias=3.0, distance=-1.0, run=1.0, order=3, copy_bias=-1.0, copy_length=1.5
+    )
     candidates = torch.arange(vocab)
-    for run_before in (0, 5):
+    for run_before, copy in ((0, None), (5, None), (0, (7, 3.0)), (2, (20, 40.0))):
+        predicted = None if copy is None else torch.tensor([copy[0]])
+        matched = None if copy is None else torch.tensor([copy[1]], dtype=torch.float64)
         # every candidate token as if it were the next one (same state, memory and past)
         bits = torch.stack(
             [
                 mixture_bits(
                     -torch.log2(p_lm[v : v + 1]), candidates[v : v + 1], dist[:1], neighbours[:1],
-                    torch.tensor([True]), run_before, params,
+                    torch.tensor([True]), run_before, params, predicted, matched,
                 )[0][0]
                 for v in range(vocab)
             ]
         )  # fmt: skip
         assert math.isclose(float(torch.exp2(-bits).sum()), 1.0, rel_tol=1e-9)
+
+
+def test_the_copy_model_follows_an_earlier_occurrence_before_the_window() -> None:
+    y = tokens(30, 20)
+    sequence = tokens(40, 21) + y + tokens(40, 22) + y
+    n, second = len(sequence), 110  # the second copy of y starts at token 110
+    everything = list(range(n))  # every earlier token may be followed
+    predicted, matched, _ = copy_predictions(sequence, 0, everything, 4)
+    # From y's fifth token on, the first copy predicts every token, and the match grows.
+    assert predicted[second + 4 :].tolist() == sequence[second + 4 :]
+    assert matched[second + 4 :].tolist() == [4.0 + i for i in range(n - second - 4)]
+    assert (predicted[:second] == -1).all()  # no 4 tokens occur twice before it
+    # Nothing may be followed that is not before the token's window.
+    none, _, _ = copy_predictions(sequence, 0, [0] * n, 4)
+    assert (none == -1).all()
+    limited, _, _ = copy_predictions(sequence, 0, [min(t, 60) for t in range(n)], 4)
+    # y's first copy is tokens 40-69: followed while it is below 60, then dropped
+    assert limited[second + 4 : second + 20].tolist() == sequence[second + 4 : second + 20]
+    assert (limited[second + 20 :] == -1).all()
+    # Coded in two parts, the second from the first's state: the same predictions.
+    head, head_matched, state = copy_predictions(sequence[:100], 0, everything[:100], 4)
+    tail, tail_matched, _ = copy_predictions(sequence, 100, everything[100:], 4, state)
+    assert torch.equal(torch.cat([head, tail]), predicted)
+    assert torch.equal(torch.cat([head_matched, tail_matched]), matched)
 
 
 def test_search_is_exact_and_respects_limits() -> None:

@@ -55,7 +55,7 @@ def test_models_list_their_modes_with_parameters(http: httpx.Client) -> None:
     models = {m["id"]: m for m in http.get("/v1/models").json()["models"]}
     tiny, zstd = models["tiny-random"]["conditioning"], models["zstd"]["conditioning"]
     assert set(tiny) == {"context", "memory", "adapt"} and set(zstd) == {"context"}
-    assert {"k", "temperature", "lambda", "memory"} <= set(tiny["memory"])
+    assert {"k", "temperature", "lambda", "memory", "copy", "copy_weight"} <= set(tiny["memory"])
     assert {"trains", "optimizer", "blocks", "after_x"} <= set(tiny["adapt"])
     assert "8 MiB" in zstd["context"]["sees"]  # a classical compressor says what its format keeps
 

@@ -18,14 +18,15 @@ import pytest
 import torch
 
 from models.adapt import AdaptCompressor, AdaptParams
+from models.conditioning import MEMORY as SHIPPED_MEMORY
 from models.lm import LMCompressor
-from models.memory import MemoryCompressor, MemoryParams
+from models.memory import MemoryCompressor
 from models.protocol import Conditioning, Segment
 from tests.test_engine_cuda import _IdsOnly, model_of
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-MEMORY = MemoryParams(k=16, temperature=21.2, bias=9.96, distance=-2.11, run=1.23)
+MEMORY = SHIPPED_MEMORY["smollm2-135m"]  # the shipped parameters, copy model included
 ADAPT = AdaptParams(layers=2, rank=8, lr=1e-3, steps=1)
 
 
