@@ -149,6 +149,7 @@ def similarity(registry: Registry, args: argparse.Namespace) -> dict:
                 ratio[(cj, ci)] = b.target_bits / alone[cj]
         margins, first = [], 0
         print(f"{model} {mode}: rows Y, columns X ({time.perf_counter() - started:.0f} s)")
+        print("  C(Y) alone, bits: " + " ".join(f"{alone[cj]:.0f}" for cj in classes))
         for cj in classes:
             own = ratio[(cj, cj)]
             best_other = min(ratio[(cj, ci)] for ci in classes if ci != cj)
