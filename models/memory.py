@@ -30,9 +30,8 @@ It carries a copy across record boundaries, where every record's start looks ali
 hidden states (a separator) and the nearest keys pick any record. Everything λ, p_mem and μ
 depend on is known to a decoder before t (the states, the memory, the earlier tokens and whether
 they matched), and every part is a distribution over the vocabulary, so the mixture is a decodable
-code; a token with an empty memory (the first
-window) is coded by the LM alone. Coding is sequential, so C(X·Y) = C(X) + C(Y|X) and C(X) alone
-is the X part of C(X·Y).
+code; a token with an empty memory (the first window) is coded by the LM alone. Coding is
+sequential, so C(X·Y) = C(X) + C(Y|X) and C(X) alone is the X part of C(X·Y).
 
 Exact search. The distances are computed in blocks of a fixed number of keys with the engine's
 fixed-tile products on the CPU (`models.invariant`), so a query's neighbours never depend on its
