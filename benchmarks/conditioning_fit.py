@@ -115,16 +115,14 @@ def fit(cases: dict[str, Case], k: int, order: int = 0, steps: int = 800) -> dic
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    params = _params([float(v.detach()) for v in values], k, order)
-    return {**vars(params), "loss": float(loss), "copy": copy}
+    return {"params": _params([v.detach() for v in values], k, order), "loss": float(loss.detach()), "copy": copy}
 
 
-def _params(values: list, k: int, order: int) -> SimpleNamespace:
+def _params(values: list[torch.Tensor], k: int, order: int) -> SimpleNamespace:
     a, b, c, log_t = values[:4]
     alpha, beta = values[4:] if order else (0.0, 0.0)
-    temperature = torch.exp(log_t) if isinstance(log_t, torch.Tensor) else math.exp(log_t)
     return SimpleNamespace(
-        bias=a, distance=b, run=c, temperature=temperature, max_weight=0.9999, k=k,
+        bias=a, distance=b, run=c, temperature=torch.exp(log_t), max_weight=0.9999, k=k,
         order=order, copy_bias=alpha, copy_length=beta, copy_max=0.9999,
     )  # fmt: skip
 
@@ -161,17 +159,17 @@ def main() -> int:
     results = {}
     for order in (int(o) for o in args.orders.split(",")):
         results[order] = r = fit(cases, k, order)
-        copy = f", order={order}, copy_bias={r['copy_bias']:.3g}, copy_length={r['copy_length']:.3g}" if order else ""
+        p = r["params"]
+        copy = f", order={order}, copy_bias={p.copy_bias:.3g}, copy_length={p.copy_length:.3g}" if order else ""
         print(
-            f"MemoryParams(k={k}, temperature={r['temperature']:.3g}, bias={r['bias']:.3g}, "
-            f"distance={r['distance']:.3g}, run={r['run']:.3g}{copy})   mean log ratio {r['loss']:.4f}"
+            f"MemoryParams(k={k}, temperature={p.temperature:.3g}, bias={p.bias:.3g}, "
+            f"distance={p.distance:.3g}, run={p.run:.3g}{copy})   mean log ratio {r['loss']:.4f}"
         )
     order = min(results, key=lambda o: results[o]["loss"])
     best = results[order]
     print(f"# lowest: order {order}")
-    params = SimpleNamespace(**{n: v for n, v in best.items() if n not in ("loss", "copy")})
     for name, case in cases.items():
-        mem = float(total_bits(case, params, best["copy"].get(name, (None, None))))
+        mem = float(total_bits(case, best["params"], best["copy"].get(name, (None, None))))
         ctx = case.context_bits
         print(f"{name:24s} context {ctx:10.0f} bits   memory {mem:10.0f}   ratio {mem / ctx:.3f}")
     return 0

@@ -426,16 +426,16 @@ class MemoryCompressor:
         """Code the tokens after those `before` holds (none: all of them); returns the memory of
         the tokens coded, with their bits."""
         found = self.neighbours(tokens, before, progress)
-        run = before.run_at_end() if before is not None else 0
-        copy: tuple = (None, None, (-1, 0))
+        run, state = (before.run_at_end(), before.copy_state) if before is not None else (0, (-1, 0))
+        predicted = matched = None
         if self.params.order:
-            start = len(tokens) - len(found.targets)
-            state = before.copy_state if before is not None else (-1, 0)
-            copy = copy_predictions(tokens, start, found.limits.tolist(), self.params.order, state)
+            first = len(tokens) - len(found.targets)
+            predicted, matched, state = copy_predictions(tokens, first, found.limits.tolist(), self.params.order, state)
         bits, hits = mixture_bits(
-            found.lm_bits, found.targets, found.distances, found.tokens, found.has_memory, run, self.params, *copy[:2]
-        )
-        return Memory(found.keys, found.norms, found.targets, bits, hits, copy[2])
+            found.lm_bits, found.targets, found.distances, found.tokens, found.has_memory, run, self.params,
+            predicted, matched,
+        )  # fmt: skip
+        return Memory(found.keys, found.norms, found.targets, bits, hits, state)
 
     def neighbours(self, tokens: Sequence[int], before: Memory | None, progress: Progress | None = None) -> Neighbours:
         """The LM's bits and the k nearest memory entries of every token after those `before`
