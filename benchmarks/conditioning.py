@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from classify.data import load_examples  # noqa: E402
 from codelen.datasets import RECORD_SEPARATOR  # noqa: E402
 from codelen.settings import Settings  # noqa: E402
-from models.conditioning import ADAPT, conditioned  # noqa: E402
+from models.conditioning import ADAPT, MEMORY, conditioned  # noqa: E402
 from models.protocol import Segment  # noqa: E402
 from models.registry import Registry  # noqa: E402
 
@@ -86,7 +86,9 @@ def conditions(args: argparse.Namespace, extra: str = "") -> None:
     )
 
 
-def containment(registry: Registry, args: argparse.Namespace) -> dict:
+def containment_texts(args: argparse.Namespace) -> tuple[str, str, str]:
+    """(X holding Y's records in its middle, X without them, Y): 10 texts of a seeded shuffle as
+    Y, then other texts around them until X has args.x_bytes."""
     by_label = texts_by_label(Path(args.data))
     pool = [t for ts in by_label.values() for t in ts]
     rng = random.Random(args.seed)
@@ -100,9 +102,12 @@ def containment(registry: Registry, args: argparse.Namespace) -> dict:
         size += len(t.encode()) + 3
         if size >= args.x_bytes:
             break
-    x_copy = RECORD_SEPARATOR.join(before + y + after)
-    x_absent = RECORD_SEPARATOR.join(before + other + after)
-    y_text = RECORD_SEPARATOR.join(y)
+    join = RECORD_SEPARATOR.join
+    return join(before + y + after), join(before + other + after), join(y)
+
+
+def containment(registry: Registry, args: argparse.Namespace) -> dict:
+    x_copy, x_absent, y_text = containment_texts(args)
     conditions(args, f" · X {len(x_copy.encode())} bytes, Y {len(y_text.encode())} bytes")
     rows = {}
     for model, mode in [(c, "context") for c in CLASSICAL] + [(args.model, m) for m in args.modes]:
@@ -250,6 +255,11 @@ def main() -> int:
         default="",
         help="a variant of adapt's parameters to measure, e.g. 'replay=2' or 'lr=0.01,steps=1' (AdaptParams)",
     )
+    ap.add_argument(
+        "--memory",
+        default="",
+        help="a variant of memory's parameters to measure, e.g. 'horizon=0' or 'order=0' (MemoryParams)",
+    )
     args = ap.parse_args()
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -260,6 +270,11 @@ def main() -> int:
         pairs = (kv.split("=") for kv in args.adapt.split(","))
         ADAPT[args.model] = dataclasses.replace(base, **{k: type(getattr(base, k))(v) for k, v in pairs})
         print(f"# adapt variant: {ADAPT[args.model]}")
+    if args.memory:
+        base = MEMORY[args.model]
+        pairs = (kv.split("=") for kv in args.memory.split(","))
+        MEMORY[args.model] = dataclasses.replace(base, **{k: type(getattr(base, k))(v) for k, v in pairs})
+        print(f"# memory variant: {MEMORY[args.model]}")
     models = ",".join([args.model, *CLASSICAL])
     registry = Registry(Settings(models=models, device=args.device, redis_url=None))
     result = {"containment": containment, "similarity": similarity, "prequential": prequential, "speed": speed}[

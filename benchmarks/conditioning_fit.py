@@ -73,7 +73,8 @@ def cases_for(compressor: MemoryCompressor, texts: dict[str, list[str]], seed: i
         own = compressor.neighbours(x, None)
         out[f"{name}: X itself"] = Case(own, 0, float(own.lm_bits.sum()), x, 0, None)
         hits = own.has_memory & (own.tokens[:, 0] == own.targets)
-        memory = Memory(own.keys, own.norms, own.targets, torch.zeros(len(x), dtype=torch.float64), hits)
+        bits = torch.zeros(len(x), dtype=torch.float64)
+        memory = Memory(own.keys, own.norms, own.targets, bits, hits, key_offset=own.key_offset)
         for xn, yn in pairs:
             if xn == name:
                 xy = [*x, *encoded[yn]]

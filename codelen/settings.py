@@ -30,8 +30,10 @@ class Settings(BaseSettings):
     stride: int | None = None  # new tokens per window after the first; default context // 2
 
     # Conditioning on a dataset (`conditioning`: memory, adapt); models/memory.py, models/adapt.py
-    # Bytes of token memories kept per model (keys of 4 B x hidden size per token: 2.3 KB a token for
-    # SmolLM2, so 1 GiB holds ~450k tokens, about 1.8 MB of English text). On the model's device.
+    # Bytes of token memories kept per model: fp16 keys of the tokens within the horizon of what
+    # follows (for SmolLM2 65,536 + 2,048 tokens x 1.2 KB, ~80 MB) and 17 B a token, so 1 GiB holds
+    # at least six memories of 4 MiB datasets; one over the bound is built once per call, not kept.
+    # On the model's device.
     memory_cache_bytes: int = 1 << 30
     adapt_cache_bytes: int = 256 << 20  # trained adapter states (a few MB each) kept per model
 

@@ -18,9 +18,21 @@ from models.protocol import CONTEXT, Compressor, Conditioning, WindowPolicy
 # Fitted on R8 (Reuters, lower-cased): containment (10 texts copied into the middle of ~100 KB) and
 # 4 classes as datasets, by the mean log ratio C_memory / C_context over those cases; the copy
 # model's order (3) is the one of 0 (none), 3, 4, 6, 8 with the lowest (benchmarks/conditioning_fit.py).
+# The horizon (2^16 tokens, ~260 KB of English) is the largest power of two at which the exact search
+# of a token past it leaves the forward pass >= 80 % of the time (88 %; 2^17: 78 %), so `memory`
+# keeps 80 % of `context`'s token rate at any size of X (benchmarks/memory_scaling.py horizon); the
+# copy model still sees every earlier token.
 MEMORY: dict[str, MemoryParams] = {
     "smollm2-135m": MemoryParams(
-        k=16, temperature=65.1, bias=7.06, distance=-1.57, run=-0.141, order=3, copy_bias=-5.28, copy_length=3.13
+        k=16,
+        temperature=65.1,
+        bias=7.06,
+        distance=-1.57,
+        run=-0.141,
+        order=3,
+        copy_bias=-5.28,
+        copy_length=3.13,
+        horizon=1 << 16,
     ),
     # The tiny random model of the tests: distances of its 64-wide states are about 50 to 500.
     "tiny-random": MemoryParams(

@@ -1,13 +1,16 @@
 """`memory` conditioning: the LM's window extended by a nearest-neighbour memory of the tokens
-coded before it (kNN-LM, Khandelwal et al., ICLR 2020), so C(Y|X) sees all of a dataset X, not
-only the 2,048 tokens before Y.
+coded before it (kNN-LM, Khandelwal et al., ICLR 2020) and a copy model, so C(Y|X) sees all of a
+dataset X, not only the 2,048 tokens before Y.
 
 What the memory holds. A token at position p of start + sequence is scored by the window that
 starts at w(p) = 0 for p < context, else ((p - context) // stride + 1) × stride (`WindowPolicy`).
-Its memory is every token at a position before w(p): exactly what the window cannot see, X's
-tokens and the sequence's own earlier ones alike (repetitions inside X count, as in zstd). Each
-memory entry is keyed by the final hidden state that predicted the token (the input of the
-vocabulary head) and holds the token.
+Its memory is the `horizon` tokens at positions before w(p) (all of them with horizon 0): what
+the window cannot see, X's tokens and the sequence's own earlier ones alike (repetitions inside X
+count, as in zstd). Each memory entry is keyed by the final hidden state that predicted the token
+(the input of the vocabulary head) and holds the token. The horizon bounds the search per token
+(so the time is linear in the sequence) and the keys held (rows no later token can reach are
+dropped, in whole KEY_BLOCKs, as coding moves on: `KeyBuffer`); the copy model below still looks
+at every token before w(p), so a copy is found at any depth.
 
 The code. With the k nearest keys of the state h that predicts token t (squared L2 distances
 d_1 <= ... <= d_k, tokens v_1..v_k),
@@ -33,6 +36,12 @@ they matched), and every part is a distribution over the vocabulary, so the mixt
 code; a token with an empty memory (the first window) is coded by the LM alone. Coding is
 sequential, so C(X·Y) = C(X) + C(Y|X) and C(X) alone is the X part of C(X·Y).
 
+Keys in half precision. A state leaves the model rounded to fp16, queries and keys alike, so a
+key takes 1.2 KB for SmolLM2 instead of 2.3 (a horizon of 65,536 tokens: ~80 MB); distances are
+computed in fp32 from the rounded values. The rounding is part of the code: a
+decoder rounds the same way. What it changes is measured by benchmarks/memory_scaling.py precision
+(docs/BENCHMARKS.md: under 2 bits of an 84,000-bit C(X)).
+
 Exact search. The distances are computed in blocks of a fixed number of keys with the engine's
 fixed-tile products on the CPU (`models.invariant`), so a query's neighbours never depend on its
 batch; top-k runs on block minima first (the k best keys lie in the k blocks with the smallest
@@ -42,6 +51,7 @@ bounded by bytes, on the model's device.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import threading
@@ -62,6 +72,7 @@ MIN_BLOCK = 64  # keys per block minimum in the two-stage top-k
 QUERY_CHUNK = 256  # queries per pass over a key block: their distances (4 MB) stay in the cache
 _LN2 = math.log(2.0)
 _EPS = 1e-6
+KEY_DTYPE = torch.float16  # how the memory stores a state (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -78,13 +89,19 @@ class MemoryParams:
     copy_bias: float = 0.0  # α
     copy_length: float = 0.0  # β, the weight of ln(tokens the copy has matched)
     copy_max: float = 0.9999  # μ_max
+    horizon: int = 0  # the kNN memory holds this many tokens before the window (0: all of them)
 
     def as_dict(self) -> dict[str, object]:
         return {
             "k": self.k,
             "temperature": self.temperature,
-            "distance": "squared L2 between final hidden states (the vocabulary head's input)",
-            "memory": "every token before the scoring window: earlier datasets and the sequence's own",
+            "distance": "squared L2 between final hidden states (the vocabulary head's input), rounded to fp16",
+            "memory": (
+                f"the {self.horizon} tokens before the scoring window"
+                if self.horizon
+                else "every token before the scoring window"
+            )
+            + ": earlier datasets and the sequence's own",
             "lambda": (
                 f"{self.max_weight} * sigmoid({self.bias} + {self.distance} * ln(d_min + 1e-6) "
                 f"+ {self.run} * ln(1 + tokens just matched))"
@@ -92,8 +109,8 @@ class MemoryParams:
         } | (
             {
                 "copy": (
-                    f"the token after the latest earlier occurrence (before the window) of the last {self.order} "
-                    "tokens, followed while it predicts right"
+                    f"the token after the latest earlier occurrence (anywhere before the window) of the last "
+                    f"{self.order} tokens, followed while it predicts right"
                 ),
                 "copy_weight": f"{self.copy_max} * sigmoid({self.copy_bias} + {self.copy_length} * ln(tokens matched))",
             }
@@ -103,7 +120,8 @@ class MemoryParams:
 
     @property
     def key(self) -> str:
-        raw = f"{self.k}:{self.temperature}:{self.bias}:{self.distance}:{self.run}:{self.max_weight}"
+        raw = f"{self.k}:{self.temperature}:{self.bias}:{self.distance}:{self.run}:{self.max_weight}:{KEY_DTYPE}"
+        raw += f":{self.horizon}"
         if self.order:
             raw += f":{self.order}:{self.copy_bias}:{self.copy_length}:{self.copy_max}"
         return "mem" + hashlib.sha256(raw.encode()).hexdigest()[:12]
@@ -113,12 +131,13 @@ class MemoryParams:
 class Memory:
     """A sequence as a datastore: row i is token i (position i + 1 of start + sequence)."""
 
-    keys: torch.Tensor  # (n, d) float32: the state that predicted each token
-    norms: torch.Tensor  # (n,) float32: squared norms of the keys
+    keys: torch.Tensor  # (n, d) KEY_DTYPE: the state that predicted each token
+    norms: torch.Tensor  # (n,) float32: squared norms of the keys (of their fp32 values)
     values: torch.Tensor  # (n,) long, CPU: the tokens
     bits: torch.Tensor  # (n,) float64, CPU: each token's bits under the mixture
     hits: torch.Tensor  # (n,) bool, CPU: whether the nearest key named the token
     copy_state: tuple[int, int] = (-1, 0)  # the copy model after the last token: (pointer, tokens matched)
+    key_offset: int = 0  # keys[0] is row key_offset's (rows below it are beyond every later token's horizon)
 
     @property
     def nbytes(self) -> int:
@@ -139,8 +158,58 @@ class Neighbours:
     tokens: torch.Tensor  # (n, k) long: the tokens those keys predicted
     has_memory: torch.Tensor  # (n,) bool: whether any key was before the token's window
     limits: torch.Tensor  # (n,) long: how many memory rows (tokens) lie before the token's window
-    keys: torch.Tensor  # (n, d) float32, on the model's device
-    norms: torch.Tensor  # (n,) float32
+    keys: torch.Tensor  # (n - key_offset, d) KEY_DTYPE, on the model's device: rows key_offset..
+    norms: torch.Tensor  # (n - key_offset,) float32
+    key_offset: int = 0  # rows below it were beyond every later token's horizon, and dropped
+
+
+class KeyBuffer:
+    """The keys of rows [offset, end) of a sequence being coded, appended a step at a time; rows
+    below a floor are dropped in whole KEY_BLOCKs, so with a horizon it holds about `horizon` rows
+    however long the sequence. Growth doubles and a drop compacts once half is dead: amortised
+    O(1) copies a row."""
+
+    def __init__(self, dim: int, device: torch.device | str) -> None:
+        self.keys = torch.zeros(0, dim, dtype=KEY_DTYPE, device=device)
+        self.norms = torch.zeros(0, device=device)
+        self.offset = self.end = 0
+        self._first = 0  # index in self.keys of row `offset`
+
+    def append(self, states: torch.Tensor) -> None:
+        live = self.end - self.offset
+        if self._first + live + len(states) > len(self.keys):
+            self._resize(max(2 * live, live + len(states), KEY_BLOCK))
+        at = self._first + live
+        self.keys[at : at + len(states)] = states
+        self.norms[at : at + len(states)] = (states * states).sum(1)
+        self.end += len(states)
+
+    def drop_below(self, row: int) -> None:
+        row = min(row, self.end) // KEY_BLOCK * KEY_BLOCK
+        if row <= self.offset:
+            return
+        self._first += row - self.offset
+        self.offset = row
+        if self._first >= self.end - self.offset:  # more dead rows than live ones: compact
+            self._resize(max(self.end - self.offset, KEY_BLOCK))
+
+    def _resize(self, capacity: int) -> None:
+        live = slice(self._first, self._first + self.end - self.offset)
+        keys = self.keys.new_zeros(capacity, self.keys.shape[1])
+        norms = self.norms.new_zeros(capacity)
+        keys[: live.stop - live.start], norms[: live.stop - live.start] = self.keys[live], self.norms[live]
+        self.keys, self.norms, self._first = keys, norms, 0
+
+    def view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The live keys and their norms (rows offset..end)."""
+        live = slice(self._first, self._first + self.end - self.offset)
+        return self.keys[live], self.norms[live]
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The live keys and norms in tensors of their own (what a kept memory holds)."""
+        if self._first or self.end - self.offset < len(self.keys):
+            self._resize(self.end - self.offset)
+        return self.keys, self.norms
 
 
 def sequence_digest(tokens: Sequence[int]) -> str:
@@ -218,37 +287,49 @@ def search(
     norms: torch.Tensor,
     limits: torch.Tensor,
     k: int,
+    floors: torch.Tensor | None = None,
+    offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k nearest of keys[:limits[i]] for each query i: (distances, key rows), each (m, k),
-    sorted; missing neighbours (fewer than k keys) have distance inf and row 0. Keys are taken in
-    blocks of KEY_BLOCK (zero-padded), so every distance is computed the same way whatever the
-    memory's size or the batch; on the CPU queries go QUERY_CHUNK at a time, so a block's
-    distances stay in the cache (every step is per query: the chunks change no bits)."""
+    """The k nearest keys of rows floors[i] <= row < limits[i] for each query i (floors: 0 if
+    None): (distances, key rows), each (m, k), sorted; missing neighbours (fewer than k keys)
+    have distance inf and row 0. keys[0] is row `offset` (a multiple of KEY_BLOCK: the rows before
+    it were dropped). Keys are taken in blocks of KEY_BLOCK rows (zero-padded), so every distance
+    is computed the same way whatever the memory's size or the batch; on the CPU queries go
+    QUERY_CHUNK at a time, so a block's distances stay in the cache (every step is per query: the
+    chunks change no bits)."""
     m = len(queries)
     device = queries.device
     best_d = torch.full((m, k), math.inf, device=device)
     best_i = torch.zeros((m, k), dtype=torch.long, device=device)
     if m == 0 or len(keys) == 0:
         return best_d, best_i
+    if floors is None:
+        floors = torch.zeros_like(limits)
+    if offset % KEY_BLOCK or bool(((limits > floors) & (floors < offset)).any()):
+        raise ValueError(f"a query needs rows below {offset}, which were dropped")
     q_norms = (queries * queries).sum(1)
     size = QUERY_CHUNK if device.type == "cpu" else m  # a GPU takes the whole product at once
     chunks = [slice(c, c + size) for c in range(0, m, size)]
-    for start in range(0, min(int(limits.max()), len(keys)), KEY_BLOCK):
-        block = keys[start : start + KEY_BLOCK]
-        block_norms = norms[start : start + KEY_BLOCK]
+    lowest = int(floors.min()) // KEY_BLOCK * KEY_BLOCK
+    for start in range(max(lowest, offset), min(int(limits.max()), offset + len(keys)), KEY_BLOCK):
+        block = keys[start - offset : start - offset + KEY_BLOCK].float()  # exact: fp16 values are fp32 values
+        block_norms = norms[start - offset : start - offset + KEY_BLOCK]
         if len(block) < KEY_BLOCK:
             pad = KEY_BLOCK - len(block)
             block = torch.cat([block, block.new_zeros(pad, block.shape[1])])
             block_norms = torch.cat([block_norms, block_norms.new_zeros(pad)])
         block_t = block.T
         for c in chunks:
-            _search_block(queries[c], q_norms[c], limits[c], block_t, block_norms, start, k, best_d[c], best_i[c])
+            _search_block(
+                queries[c], q_norms[c], floors[c], limits[c], block_t, block_norms, start, k, best_d[c], best_i[c]
+            )
     return best_d, best_i
 
 
 def _search_block(
     queries: torch.Tensor,
     q_norms: torch.Tensor,
+    floors: torch.Tensor,
     limits: torch.Tensor,
     block_t: torch.Tensor,
     block_norms: torch.Tensor,
@@ -258,15 +339,19 @@ def _search_block(
     best_i: torch.Tensor,
 ) -> None:
     """Merge the k nearest keys of one block (its first row is key `start`) into best_d/best_i
-    (views, updated in place) for the queries whose limit reaches into the block."""
-    active = limits > start
+    (views, updated in place) for the queries whose rows [floor, limit) reach into the block."""
+    active = (limits > start) & (floors < start + KEY_BLOCK)
     if not bool(active.any()):
         return
     rows = slice(None) if bool(active.all()) else active.nonzero().squeeze(1)
     dist = _distances(queries[rows], q_norms[rows], block_t, block_norms)
+    columns = None
     if int(limits[rows].min()) < start + KEY_BLOCK:  # some query's limit falls inside the block
         columns = torch.arange(start, start + KEY_BLOCK, device=dist.device)
         dist.masked_fill_(columns[None, :] >= limits[rows, None], math.inf)
+    if int(floors[rows].max()) > start:  # some query's floor falls inside the block
+        columns = torch.arange(start, start + KEY_BLOCK, device=dist.device) if columns is None else columns
+        dist.masked_fill_(columns[None, :] < floors[rows, None], math.inf)
     d, i = _block_topk(dist, k)
     top = torch.cat([best_d[rows], d], 1).topk(k, dim=1, largest=False)
     best_i[rows] = torch.cat([best_i[rows], i + start], 1).gather(1, top.indices)
@@ -379,7 +464,8 @@ class MemoryCompressor:
     Segments that fit one window have an empty memory: their code lengths are the LM's, computed
     by the LM's own `score` (prefix reuse and all). Longer ones are coded a few windows at a time:
     the memory of a prefix X (its keys, tokens and C(X)) is built once and kept in a byte-bounded
-    LRU for every later Y; the target's own earlier tokens join the memory as its windows move on.
+    LRU for every later Y (a memory over the bound serves the rest of the call that built it and
+    is then dropped); the target's own earlier tokens join the memory as its windows move on.
     """
 
     def __init__(self, lm: LMCompressor, params: MemoryParams, cache_bytes: int, windows_per_step: int = 8) -> None:
@@ -401,26 +487,47 @@ class MemoryCompressor:
         short = [i for i, s in enumerate(segments) if 1 + len(s.prefix) + len(s.target) <= context]
         for i, bits in zip(short, self.lm.score([segments[i] for i in short]), strict=True):
             out[i] = bits
-        for i, s in enumerate(segments):
-            if out[i] is not None:
-                continue
+        # Segments that need the same memory (X alone, X before a Y) are coded one after another,
+        # and the last memory built is held for them even when it is over the cache's bound (it
+        # was just built, so that costs no more memory than building it did).
+        needs = {i: sequence_digest(s.prefix or s.target) for i, s in enumerate(segments) if out[i] is None}
+        held: dict[str, Memory] = {}
+        for i in sorted(needs, key=lambda i: (needs[i], i)):
+            s = segments[i]
             if not s.prefix:
-                whole = self.memory(s.target, progress)
+                whole = self.memory(s.target, progress, held)
                 out[i] = SegmentBits(prefix_bits=0.0, target_bits=float(whole.bits.sum()))
             else:
-                before = self.memory(s.prefix, progress)
+                before = self.memory(s.prefix, progress, held)
                 after = self._code([*s.prefix, *s.target], before, progress)
                 out[i] = SegmentBits(prefix_bits=float(before.bits.sum()), target_bits=float(after.bits.sum()))
         return out  # type: ignore[return-value]
 
-    def memory(self, tokens: Symbols, progress: Progress | None = None) -> Memory:
-        """The memory of a whole sequence, built once and then taken from the cache."""
+    def memory(self, tokens: Symbols, progress: Progress | None = None, held: dict | None = None) -> Memory:
+        """The memory of a whole sequence, built once and then taken from the cache (or from
+        `held`, where the caller keeps the last one built, cached or not)."""
         digest = sequence_digest(tokens)
-        memory = self.cache.get(digest)
+        memory = (held or {}).get(digest) or self.cache.get(digest)
         if memory is None:
-            memory = self._code(list(tokens), None, progress)
+            memory = self._trimmed(self._code(list(tokens), None, progress))
             self.cache.put(digest, memory)
+        if held is not None:
+            held.clear()
+            held[digest] = memory
         return memory
+
+    def _trimmed(self, memory: Memory) -> Memory:
+        """The memory without the keys no later token can reach: those more than `horizon` rows
+        before the window of the first token after it (dropped in whole KEY_BLOCKs)."""
+        if not self.params.horizon:
+            return memory
+        n = len(memory.values)
+        drop = max(0, n - self.lm.window.context_tokens - self.params.horizon) // KEY_BLOCK * KEY_BLOCK
+        if drop <= memory.key_offset:
+            return memory
+        cut = drop - memory.key_offset
+        keys, norms = memory.keys[cut:].clone(), memory.norms[cut:].clone()
+        return dataclasses.replace(memory, keys=keys, norms=norms, key_offset=drop)
 
     def _code(self, tokens: list[int], before: Memory | None, progress: Progress | None) -> Memory:
         """Code the tokens after those `before` holds (none: all of them); returns the memory of
@@ -435,7 +542,7 @@ class MemoryCompressor:
             found.lm_bits, found.targets, found.distances, found.tokens, found.has_memory, run, self.params,
             predicted, matched,
         )  # fmt: skip
-        return Memory(found.keys, found.norms, found.targets, bits, hits, state)
+        return Memory(found.keys, found.norms, found.targets, bits, hits, state, found.key_offset)
 
     def neighbours(self, tokens: Sequence[int], before: Memory | None, progress: Progress | None = None) -> Neighbours:
         """The LM's bits and the k nearest memory entries of every token after those `before`
@@ -445,8 +552,7 @@ class MemoryCompressor:
         start = len(before.values) if before is not None else 0
         n = len(tokens) - start
         device, k = self.lm.device, self.params.k
-        keys = torch.zeros(n, self.lm.hidden_size, device=device)
-        norms = torch.zeros(n, device=device)
+        own = KeyBuffer(self.lm.hidden_size, device)  # this call's keys: row 0 is token `start`
         targets = torch.tensor(tokens[start:], dtype=torch.long)
         memory_values = targets if before is None else torch.cat([before.values, targets])
         lm_bits = torch.zeros(n, dtype=torch.float64)
@@ -464,16 +570,21 @@ class MemoryCompressor:
             first = start + filled
             end = ends[min(step + self.windows_per_step, len(ends)) - 1]
             ((bits, states),) = self.lm.token_states([tokens[:end]], first=[first])
-            states = states.to(device)
+            states = states.to(device).to(KEY_DTYPE).float()  # the rounding the memory keeps
             starts = window_starts(torch.arange(first + 1, end + 1), context, stride)
             # Keys of tokens at positions before the window: the prefix's, then this call's own.
             limit_before = (starts - 1).clamp(0, start)
             limit_own = (starts - 1 - start).clamp_min(0)
+            floor = (starts - 1 - self.params.horizon).clamp_min(0) if self.params.horizon else torch.zeros_like(starts)
+            floor_before, floor_own = floor.clamp(0, start), (floor - start).clamp_min(0)
             rows = slice(filled, end - start)
             # The group's own keys first: a later window of the group sees the earlier ones.
-            keys[rows] = states
-            norms[rows] = (states * states).sum(1)
-            d, found = self._nearest(states, before, limit_before, keys, norms, limit_own)
+            own.append(states)
+            keys, norms = own.view()
+            d, found = self._nearest(
+                states, before, (floor_before, limit_before), (keys, norms, own.offset), (floor_own, limit_own)
+            )
+            own.drop_below(int(floor_own[-1]))  # no later token reaches below its floor
             lm_bits[rows] = bits
             distances[rows] = d.cpu()
             neighbour_tokens[rows] = memory_values[found.cpu().clamp_max(len(memory_values) - 1)]
@@ -482,25 +593,29 @@ class MemoryCompressor:
             if progress is not None:
                 progress(end - start - filled, 0)
             filled = end - start
-        return Neighbours(lm_bits, targets, distances, neighbour_tokens, has_memory, limits, keys, norms)
+        keys, norms = own.take()
+        return Neighbours(lm_bits, targets, distances, neighbour_tokens, has_memory, limits, keys, norms, own.offset)
 
     def _nearest(
         self,
         queries: torch.Tensor,
         before: Memory | None,
-        limit_before: torch.Tensor,
-        keys: torch.Tensor,
-        norms: torch.Tensor,
-        limit_own: torch.Tensor,
+        range_before: tuple[torch.Tensor, torch.Tensor],
+        own: tuple[torch.Tensor, torch.Tensor, int],
+        range_own: tuple[torch.Tensor, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The k nearest keys among the memory `before` (rows 0..) and this call's own keys
-        (rows after `before`'s), each query limited to the keys before its window."""
+        (rows after `before`'s), each query limited to its rows [floor, limit): the keys before
+        its window, within the horizon."""
         k, device = self.params.k, queries.device
         offset = len(before.values) if before is not None else 0
-        d, rows = search(queries, keys, norms, limit_own.to(device), k)
+        (floor_own, limit_own), (floor_before, limit_before) = range_own, range_before
+        keys, norms, key_offset = own
+        d, rows = search(queries, keys, norms, limit_own.to(device), k, floor_own.to(device), key_offset)
         rows = rows + offset
-        if before is not None and int(limit_before.max()) > 0:
-            d0, rows0 = search(queries, before.keys, before.norms, limit_before.to(device), k)
+        if before is not None and bool((limit_before > floor_before).any()):
+            floors, limits = floor_before.to(device), limit_before.to(device)
+            d0, rows0 = search(queries, before.keys, before.norms, limits, k, floors, before.key_offset)
             top = torch.cat([d0, d], 1).topk(k, dim=1, largest=False)
             d, rows = top.values, torch.cat([rows0, rows], 1).gather(1, top.indices)
         return d, rows

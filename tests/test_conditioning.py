@@ -69,6 +69,90 @@ def test_cached_state_gives_the_same_bits(lm) -> None:
         assert first == fresh == again
 
 
+def test_a_memory_over_the_cache_bound_is_built_once_per_call(lm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With nothing kept between calls (bound 0), a call that needs X's memory several times (C(X)
+    and C(Y|X) for many Ys, in any order) builds it once, and gives the bits the cache would."""
+    compressor = conditioned(lm, "memory", 0, 0)
+    x, other = tokens(130, 13), tokens(90, 14)
+    ys = [tokens(40, 15 + i) for i in range(3)]
+    segments = [Segment(x, ys[0]), Segment(other, ys[1]), Segment((), x), Segment(x, ys[2]), Segment(other, ys[0])]
+    built = []
+    code = compressor._code
+
+    def counting(tokens, before, progress):
+        if before is None:
+            built.append(len(tokens))
+        return code(tokens, before, progress)
+
+    monkeypatch.setattr(compressor, "_code", counting)
+    bits = compressor.score(segments)
+    assert sorted(built) == [len(other), len(x)]
+    assert bits == conditioned(lm, "memory", 1 << 26, 0).score(segments)
+
+
+def test_the_horizon_bounds_the_knn_memory_but_not_the_copy_model(lm) -> None:
+    """With a horizon the kNN memory holds only the `horizon` tokens before the window: a copy
+    further back is out of its reach, but the copy model, which sees every earlier token, still
+    finds it; a horizon longer than the sequence changes no bit."""
+    from models.conditioning import MEMORY
+
+    tiny = MEMORY["tiny-random"]
+    y = tokens(60, 21)
+    x = y + tokens(400, 22)  # Y's copy 400+ tokens before Y, a 64-token horizon cannot see it
+
+    def ratio(**changes) -> float:
+        compressor = MemoryCompressor(lm, dataclasses.replace(tiny, **changes), 1 << 26)
+        return compressor.score([Segment(x, y)])[0].target_bits / lm.score([Segment((), y)])[0].target_bits
+
+    assert ratio(order=0) < 0.5  # the kNN memory alone finds the copy...
+    assert ratio(order=0, horizon=64) > 0.9  # ...but not beyond its horizon
+    assert ratio(horizon=64) < 0.5  # the copy model does
+    assert ratio(horizon=10_000) == ratio()
+
+
+def test_a_trimmed_memory_codes_what_follows_as_the_whole_one(lm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """X's memory keeps only the keys a later token's horizon can reach (whole KEY_BLOCKs are
+    dropped): C(Y|X) from it is C(X·Y) - C(X) of the sequence coded in one piece, where nothing
+    was dropped."""
+    from models.conditioning import MEMORY
+    from models.memory import KEY_BLOCK, KeyBuffer
+
+    compressor = MemoryCompressor(lm, dataclasses.replace(MEMORY["tiny-random"], horizon=100), 1 << 26)
+    x, y = tokens(KEY_BLOCK + 700, 23), tokens(80, 24)
+    kept = compressor.memory(x)
+    assert kept.key_offset == KEY_BLOCK and len(kept.keys) == len(x) - KEY_BLOCK and len(kept.values) == len(x)
+    joint = compressor.score([Segment(x, y)])[0]
+    whole = compressor.score([Segment((), x + y)])[0]
+    assert math.isclose(whole.target_bits, joint.prefix_bits + joint.target_bits, abs_tol=0.01)
+    # The same bits as a memory that drops nothing (the horizon still limits each search).
+    keeping = MemoryCompressor(lm, compressor.params, 0)
+    monkeypatch.setattr(KeyBuffer, "drop_below", lambda self, row: None)
+    monkeypatch.setattr(keeping, "_trimmed", lambda memory: memory)
+    assert keeping.score([Segment(x, y), Segment((), x + y)]) == [joint, whole]
+    assert keeping.memory(x).key_offset == 0
+    with pytest.raises(ValueError, match="dropped"):  # a query below the offset is refused, not answered wrongly
+        search(kept.keys[:1].float(), kept.keys, kept.norms, torch.tensor([KEY_BLOCK + 10]), 4, offset=KEY_BLOCK)
+
+
+def test_the_key_buffer_keeps_the_rows_it_has_not_dropped() -> None:
+    from models.memory import KEY_BLOCK, KeyBuffer
+
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randn(6 * KEY_BLOCK, 4, generator=g).half().float()
+    buffer, end = KeyBuffer(4, "cpu"), 0
+    for step, n in enumerate([100, 3000, 5000, 700, 4096, 9000, 2000]):
+        buffer.append(rows[end : end + n])
+        end += n
+        buffer.drop_below([0, 50, 4100, 4000, 9000, 12_500, 20_000][step])
+        keys, norms = buffer.view()
+        assert buffer.offset % KEY_BLOCK == 0 and buffer.end == end
+        assert torch.equal(keys.float(), rows[buffer.offset : end]) and torch.equal(
+            norms, (rows[buffer.offset : end] ** 2).sum(1)
+        )
+    keys, norms = buffer.take()
+    assert buffer.offset == 16_384 and torch.equal(keys.float(), rows[16_384:end]) and len(keys) == end - 16_384
+
+
 def test_memory_finds_a_copy_beyond_the_window(lm) -> None:
     y = tokens(60, 7)
     with_copy = tokens(150, 8) + y + tokens(150, 9)
@@ -164,6 +248,24 @@ def test_search_is_exact_and_respects_limits() -> None:
         best = exact.topk(min(3, limit), largest=False)
         assert set(rows[i, : len(best.indices)].tolist()) == set(best.indices.tolist())
         assert torch.allclose(d[i, : len(best.values)], best.values, rtol=1e-4, atol=1e-3)
+
+
+def test_memory_keeps_half_precision_keys_and_searches_them_exactly(lm) -> None:
+    """X's memory stores its keys in fp16 (half the bytes of fp32); a search over them is the
+    search over the same values in fp32, so the rounding is the only change."""
+    import models.memory as memory
+
+    compressor = conditioned(lm, "memory", 1 << 26, 0)
+    x = tokens(130, 12)
+    kept = compressor.memory(x)
+    assert kept.keys.dtype == memory.KEY_DTYPE == torch.float16 and len(kept.keys) == len(x)
+    assert torch.equal(kept.norms, (kept.keys.float() ** 2).sum(1))
+    as_fp32 = kept.keys.float()
+    queries = as_fp32[-10:] + 0.01
+    limits = torch.full((10,), 100)
+    half = search(queries, kept.keys, kept.norms, limits, 4)
+    full = search(queries, as_fp32, kept.norms, limits, 4)
+    assert torch.equal(half[0], full[0]) and torch.equal(half[1], full[1])
 
 
 def test_search_is_the_same_whatever_the_query_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
