@@ -18,10 +18,12 @@ from models.protocol import CONTEXT, Compressor, Conditioning, WindowPolicy
 # Fitted on R8 (Reuters, lower-cased): containment (10 texts copied into the middle of ~100 KB) and
 # 4 classes as datasets, by the mean log ratio C_memory / C_context over those cases; the copy
 # model's order (3) is the one of 0 (none), 3, 4, 6, 8 with the lowest (benchmarks/conditioning_fit.py).
-# The horizon (2^16 tokens, ~260 KB of English) is the largest power of two at which the exact search
-# of a token past it leaves the forward pass >= 80 % of the time (88 %; 2^17: 78 %), so `memory`
-# keeps 80 % of `context`'s token rate at any size of X (benchmarks/memory_scaling.py horizon); the
-# copy model still sees every earlier token.
+# The horizon (2^18 tokens, ~1 MB of English) is the smallest power of two that holds every token
+# of the 1 MB checks, so no code length measured up to 1 MB changes; beyond it a token's search costs
+# a constant ~35 % of a step (`memory` at >= 65 % of `context`'s token rate at any size, where it fell
+# towards ~35 % at the 4 MiB limit) and a memory keeps ~300 MB of keys. 2^16 would keep 88 % but
+# lost 2 of the 2.8 points `memory` saves over `context` on the 1 MB absent case (0.936 against
+# 0.916; benchmarks/memory_scaling.py horizon, docs/BENCHMARKS.md). The copy model sees every token.
 MEMORY: dict[str, MemoryParams] = {
     "smollm2-135m": MemoryParams(
         k=16,
@@ -32,7 +34,7 @@ MEMORY: dict[str, MemoryParams] = {
         order=3,
         copy_bias=-5.28,
         copy_length=3.13,
-        horizon=1 << 16,
+        horizon=1 << 18,
     ),
     # The tiny random model of the tests: distances of its 64-wide states are about 50 to 500.
     "tiny-random": MemoryParams(

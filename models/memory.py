@@ -37,7 +37,7 @@ code; a token with an empty memory (the first window) is coded by the LM alone. 
 sequential, so C(X·Y) = C(X) + C(Y|X) and C(X) alone is the X part of C(X·Y).
 
 Keys in half precision. A state leaves the model rounded to fp16, queries and keys alike, so a
-key takes 1.2 KB for SmolLM2 instead of 2.3 (a horizon of 65,536 tokens: ~80 MB); distances are
+key takes 1.2 KB for SmolLM2 instead of 2.3 (a horizon of 262,144 tokens: ~310 MB); distances are
 computed in fp32 from the rounded values. The rounding is part of the code: a
 decoder rounds the same way. What it changes is measured by benchmarks/memory_scaling.py precision
 (docs/BENCHMARKS.md: under 2 bits of an 84,000-bit C(X)).
