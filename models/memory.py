@@ -131,8 +131,8 @@ class MemoryParams:
 class Memory:
     """A sequence as a datastore: row i is token i (position i + 1 of start + sequence)."""
 
-    keys: torch.Tensor  # (n, d) KEY_DTYPE: the state that predicted each token
-    norms: torch.Tensor  # (n,) float32: squared norms of the keys (of their fp32 values)
+    keys: torch.Tensor  # (n - key_offset, d) KEY_DTYPE: the state that predicted each token from key_offset on
+    norms: torch.Tensor  # (n - key_offset,) float32: squared norms of the keys (of their fp32 values)
     values: torch.Tensor  # (n,) long, CPU: the tokens
     bits: torch.Tensor  # (n,) float64, CPU: each token's bits under the mixture
     hits: torch.Tensor  # (n,) bool, CPU: whether the nearest key named the token
