@@ -265,16 +265,12 @@ def main() -> int:
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.adapt:
-        base = ADAPT[args.model]
-        pairs = (kv.split("=") for kv in args.adapt.split(","))
-        ADAPT[args.model] = dataclasses.replace(base, **{k: type(getattr(base, k))(v) for k, v in pairs})
-        print(f"# adapt variant: {ADAPT[args.model]}")
-    if args.memory:
-        base = MEMORY[args.model]
-        pairs = (kv.split("=") for kv in args.memory.split(","))
-        MEMORY[args.model] = dataclasses.replace(base, **{k: type(getattr(base, k))(v) for k, v in pairs})
-        print(f"# memory variant: {MEMORY[args.model]}")
+    for name, table, spec in (("adapt", ADAPT, args.adapt), ("memory", MEMORY, args.memory)):
+        if spec:  # 'field=value,...': the mode's parameters for this run, each value of its field's type
+            base = table[args.model]
+            pairs = (kv.split("=") for kv in spec.split(","))
+            table[args.model] = dataclasses.replace(base, **{k: type(getattr(base, k))(v) for k, v in pairs})
+            print(f"# {name} variant: {table[args.model]}")
     models = ",".join([args.model, *CLASSICAL])
     registry = Registry(Settings(models=models, device=args.device, redis_url=None))
     result = {"containment": containment, "similarity": similarity, "prequential": prequential, "speed": speed}[

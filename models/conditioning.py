@@ -21,7 +21,7 @@ from models.protocol import CONTEXT, Compressor, Conditioning, WindowPolicy
 # The horizon (2^18 tokens, ~1 MB of English) is the smallest power of two that holds every token
 # of the 1 MB checks, so no code length measured up to 1 MB changes; beyond it a token's search costs
 # a constant ~35 % of a step (`memory` at >= 65 % of `context`'s token rate at any size, where it fell
-# towards ~35 % at the 4 MiB limit) and a memory keeps ~300 MB of keys. 2^16 would keep 88 % but
+# towards ~35 % at the 4 MiB limit) and a memory keeps <= 310 MB of keys. 2^16 would keep 89 % but
 # lost 2 of the 2.8 points `memory` saves over `context` on the 1 MB absent case (0.936 against
 # 0.916; benchmarks/memory_scaling.py horizon, docs/BENCHMARKS.md). The copy model sees every token.
 MEMORY: dict[str, MemoryParams] = {

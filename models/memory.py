@@ -51,7 +51,6 @@ bounded by bytes, on the model's device.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 import threading
@@ -495,39 +494,29 @@ class MemoryCompressor:
         for i in sorted(needs, key=lambda i: (needs[i], i)):
             s = segments[i]
             if not s.prefix:
-                whole = self.memory(s.target, progress, held)
+                whole = self.memory(s.target, progress, held, needs[i])
                 out[i] = SegmentBits(prefix_bits=0.0, target_bits=float(whole.bits.sum()))
             else:
-                before = self.memory(s.prefix, progress, held)
+                before = self.memory(s.prefix, progress, held, needs[i])
                 after = self._code([*s.prefix, *s.target], before, progress)
                 out[i] = SegmentBits(prefix_bits=float(before.bits.sum()), target_bits=float(after.bits.sum()))
         return out  # type: ignore[return-value]
 
-    def memory(self, tokens: Symbols, progress: Progress | None = None, held: dict | None = None) -> Memory:
+    def memory(
+        self, tokens: Symbols, progress: Progress | None = None, held: dict | None = None, digest: str | None = None
+    ) -> Memory:
         """The memory of a whole sequence, built once and then taken from the cache (or from
-        `held`, where the caller keeps the last one built, cached or not)."""
-        digest = sequence_digest(tokens)
+        `held`, where the caller keeps the last one built, cached or not); `digest`: the tokens'
+        `sequence_digest`, if the caller has it."""
+        digest = digest or sequence_digest(tokens)
         memory = (held or {}).get(digest) or self.cache.get(digest)
         if memory is None:
-            memory = self._trimmed(self._code(list(tokens), None, progress))
+            memory = self._code(list(tokens), None, progress)
             self.cache.put(digest, memory)
         if held is not None:
             held.clear()
             held[digest] = memory
         return memory
-
-    def _trimmed(self, memory: Memory) -> Memory:
-        """The memory without the keys no later token can reach: those more than `horizon` rows
-        before the window of the first token after it (dropped in whole KEY_BLOCKs)."""
-        if not self.params.horizon:
-            return memory
-        n = len(memory.values)
-        drop = max(0, n - self.lm.window.context_tokens - self.params.horizon) // KEY_BLOCK * KEY_BLOCK
-        if drop <= memory.key_offset:
-            return memory
-        cut = drop - memory.key_offset
-        keys, norms = memory.keys[cut:].clone(), memory.norms[cut:].clone()
-        return dataclasses.replace(memory, keys=keys, norms=norms, key_offset=drop)
 
     def _code(self, tokens: list[int], before: Memory | None, progress: Progress | None) -> Memory:
         """Code the tokens after those `before` holds (none: all of them); returns the memory of
@@ -575,7 +564,7 @@ class MemoryCompressor:
             # Keys of tokens at positions before the window: the prefix's, then this call's own.
             limit_before = (starts - 1).clamp(0, start)
             limit_own = (starts - 1 - start).clamp_min(0)
-            floor = (starts - 1 - self.params.horizon).clamp_min(0) if self.params.horizon else torch.zeros_like(starts)
+            floor = self._floors(starts)
             floor_before, floor_own = floor.clamp(0, start), (floor - start).clamp_min(0)
             rows = slice(filled, end - start)
             # The group's own keys first: a later window of the group sees the earlier ones.
@@ -593,8 +582,17 @@ class MemoryCompressor:
             if progress is not None:
                 progress(end - start - filled, 0)
             filled = end - start
+        # What follows reaches no lower than the next token's floor: a kept memory holds only that.
+        own.drop_below(int(self._floors(window_starts(torch.tensor([len(tokens) + 1]), context, stride))[0]) - start)
         keys, norms = own.take()
         return Neighbours(lm_bits, targets, distances, neighbour_tokens, has_memory, limits, keys, norms, own.offset)
+
+    def _floors(self, starts: torch.Tensor) -> torch.Tensor:
+        """The lowest memory row each token's kNN search reaches, from its window's start: `horizon`
+        rows below the window (0 without a horizon)."""
+        if not self.params.horizon:
+            return torch.zeros_like(starts)
+        return (starts - 1 - self.params.horizon).clamp_min(0)
 
     def _nearest(
         self,

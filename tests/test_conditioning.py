@@ -127,7 +127,6 @@ def test_a_trimmed_memory_codes_what_follows_as_the_whole_one(lm, monkeypatch: p
     # The same bits as a memory that drops nothing (the horizon still limits each search).
     keeping = MemoryCompressor(lm, compressor.params, 0)
     monkeypatch.setattr(KeyBuffer, "drop_below", lambda self, row: None)
-    monkeypatch.setattr(keeping, "_trimmed", lambda memory: memory)
     assert keeping.score([Segment(x, y), Segment((), x + y)]) == [joint, whole]
     assert keeping.memory(x).key_offset == 0
     with pytest.raises(ValueError, match="dropped"):  # a query below the offset is refused, not answered wrongly
