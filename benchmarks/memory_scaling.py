@@ -13,13 +13,25 @@ model's forward pass in the same run: what `horizon` (the kNN memory's reach) mu
 token past the first `horizon` pays exactly that). The keys are random: the cost of an exact
 search does not depend on their values.
 
+`overhead`: the memory a build holds per token of X beyond its keys (the keys are bounded by the
+horizon; this is what grows with X): the peak RSS of coding a sequence of n tokens in `memory`
+mode against `context` mode, each in a process of its own, with the tiny random model (its
+forward passes take seconds, and its per-token arrays are the real model's; its keys are few:
+horizon 4,096). The slope between two sizes is the bytes a token.
+
     python benchmarks/memory_scaling.py precision [--data ../shared/data/sms_spam/sms_spam.tsv] [--x-bytes 40000]
     python benchmarks/memory_scaling.py horizon --threads 2 [--horizons 65536,131072,262144,524288]
+    python benchmarks/memory_scaling.py overhead [--tokens 200000,1000000]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import random
+import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -101,9 +113,50 @@ def horizon(lm: LMCompressor, args: argparse.Namespace) -> None:
         )
 
 
+def overhead(args: argparse.Namespace) -> None:
+    args.model, args.data = "tiny-random", "random tokens, half of them repeats"
+    conditions(args, " · horizon 4,096, a process per run")
+    peaks: dict[tuple[str, int], float] = {}
+    for n in (int(t) for t in args.tokens.split(",")):
+        for mode in ("context", "memory"):
+            command = [sys.executable, __file__, "overhead-one", "--mode", mode, "--n", str(n)]
+            run = json.loads(subprocess.run(command + ["--threads", str(args.threads)], capture_output=True,
+                                            text=True, check=True).stdout.splitlines()[-1])  # fmt: skip
+            peaks[mode, n] = run["peak_mb"]
+            print(f"{n:9d} tokens  {mode:8s}: peak RSS +{run['peak_mb']:7.1f} MB  ({run['seconds']:.0f} s)", flush=True)
+        extra = peaks["memory", n] - peaks["context", n]
+        print(f"{n:9d} tokens  memory over context: {extra:.1f} MB, {extra * 2**20 / n:.0f} B a token", flush=True)
+    sizes = sorted({n for _, n in peaks})
+    if len(sizes) > 1:
+        a, b = sizes[0], sizes[-1]
+        for mode in ("context", "memory"):
+            slope = (peaks[mode, b] - peaks[mode, a]) * 2**20 / (b - a)
+            print(f"{mode:8s}: {slope:.0f} B a token between {a} and {b} tokens")
+
+
+def overhead_one(args: argparse.Namespace) -> None:
+    from models.memory import MemoryCompressor
+    from models.tiny import tiny_compressor
+
+    lm = tiny_compressor(context_tokens=512, stride=256)
+    rng = random.Random(args.seed)
+    records = [rng.randrange(3, 259) for _ in range(20_000)]  # half the tokens repeat earlier ones
+    tokens = tuple(
+        records[rng.randrange(20_000)] if rng.random() < 0.5 else rng.randrange(3, 259) for _ in range(args.n)
+    )
+    params = dataclasses.replace(MEMORY["tiny-random"], horizon=4096)
+    compressor = lm if args.mode == "context" else MemoryCompressor(lm, params, 0)
+    compressor.score([Segment((), tokens[:1000])])  # the first call's allocations are not the sequence's
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    compressor.score([Segment((), tokens)])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_mb": (peak - before) / 1024, "seconds": time.perf_counter() - started}))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("precision", "horizon"))
+    ap.add_argument("what", choices=("precision", "horizon", "overhead", "overhead-one"))
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--seed", type=int, default=0)
@@ -111,8 +164,14 @@ def main() -> int:
     ap.add_argument("--windows", type=int, default=8, help="horizon: windows per step (as MemoryCompressor)")
     ap.add_argument("--horizons", default="65536,131072,262144,524288")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tokens", default="200000,1000000", help="overhead: the sequence lengths")
+    ap.add_argument("--mode", default="memory", help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.what.startswith("overhead"):
+        (overhead if args.what == "overhead" else overhead_one)(args)
+        return 0
     lm = Registry(Settings(models=args.model)).get(args.model)
     {"precision": precision, "horizon": horizon}[args.what](lm, args)
     return 0

@@ -54,8 +54,9 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
+from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -359,40 +360,31 @@ def _search_block(
 
 _HASH = np.uint64(0x9E3779B97F4A7C15)
 _MAX_MATCH = 1 << 20  # the length a match counts at most (its weight saturates long before)
+_CHUNK = 1 << 16  # tokens a time in _latest_occurrences
 
 
 def copy_predictions(
-    sequence: Sequence[int], first: int, limits: Sequence[int], order: int, state: tuple[int, int] = (-1, 0)
+    sequence: Sequence[int],
+    first: int,
+    limits: Sequence[int] | torch.Tensor,
+    order: int,
+    state: tuple[int, int] = (-1, 0),
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
     """The copy model over tokens first.. of `sequence` (see the module docstring): for each, the
     predicted token (-1: none) and the tokens matched so far, (n,) long and (n,) float64; and its
     state after the last token. `limits[i]` is how many tokens lie before token first + i's
-    window (a pointer must stay below it); `state` is the model's after token first - 1."""
+    window (a pointer must stay below it); `state` is the model's after token first - 1. Holds
+    ~40 bytes a token while it runs (~70 while it looks the occurrences up)."""
     seq = np.asarray(sequence, dtype=np.int64)
     n, m = len(seq), len(seq) - first
     if n <= order or m <= 0:
         return torch.full((max(m, 0),), -1, dtype=torch.long), torch.zeros(max(m, 0), dtype=torch.float64), state
-    # h[t]: a hash of the `order` tokens before t (t >= order); found[i]: the latest t' below
-    # token first + i's limit with the same hash (-1: none), by a binary search in (hash, t') order.
-    h = np.zeros(n, dtype=np.uint64)
-    for i in range(1, order + 1):
-        h[order:] = (h[order:] * _HASH) ^ seq[order - i : n - i].astype(np.uint64)
-    positions = np.arange(order, n, dtype=np.int64)
-    by_hash = positions[np.argsort(h[order:], kind="stable")]
-    group = np.concatenate([[0], np.cumsum(h[by_hash[1:]] != h[by_hash[:-1]])]).astype(np.int64)
-    group_of = np.zeros(n, dtype=np.int64)
-    group_of[by_hash] = group
-    keys = group * (n + 1) + by_hash  # sorted
-    targets = np.arange(first, n, dtype=np.int64)
-    limit = np.minimum(np.asarray(limits, dtype=np.int64), targets)
-    at = np.searchsorted(keys, group_of[targets] * (n + 1) + limit, side="left") - 1
-    ok = (targets >= order) & (at >= 0)
-    hit = np.where(ok, at, 0)
-    ok &= (group[hit] == group_of[targets]) & (by_hash[hit] >= order)
-    found = np.where(ok, by_hash[hit], -1).tolist()
-    tokens = seq.tolist()
+    limits = np.asarray(limits, dtype=np.int64)
+    found = _ints(_latest_occurrences(seq, first, limits, order))
+    tokens, limits = _ints(seq), _ints(limits)
+    del seq
     ptr, matched = state
-    predicted, lengths = [-1] * m, [0] * m
+    predicted, lengths = array("q", [-1]) * m, array("d", [0.0]) * m
     for i, t in enumerate(range(first, n)):
         if ptr >= limits[i]:
             ptr, matched = -1, 0
@@ -408,7 +400,45 @@ def copy_predictions(
                 ptr, matched = ptr + 1, min(matched + 1, _MAX_MATCH)
             else:
                 ptr, matched = -1, 0
-    return torch.tensor(predicted, dtype=torch.long), torch.tensor(lengths, dtype=torch.float64), (ptr, matched)
+    as_long = torch.from_numpy(np.frombuffer(predicted, dtype=np.int64))
+    return as_long, torch.from_numpy(np.frombuffer(lengths, dtype=np.float64)), (ptr, matched)
+
+
+def _ints(values: np.ndarray) -> array:
+    """int64 values as an array.array: 8 bytes an entry where a list takes ~36, as fast to index."""
+    return array("q", np.ascontiguousarray(values, dtype=np.int64).tobytes())
+
+
+def _latest_occurrences(seq: np.ndarray, first: int, limits: np.ndarray, order: int) -> np.ndarray:
+    """For each token t >= first of `seq`, the latest position s < min(limits[t - first], t) whose
+    `order` tokens before it hash as t's do (-1: none); a hash only, so the caller compares the
+    tokens. By binary searches in the positions sorted by (hash, position)."""
+    n = len(seq)
+    if n <= order:
+        return np.full(max(n - first, 0), -1, dtype=np.int64)
+    h = np.zeros(n - order, dtype=np.uint64)  # h[j]: the hash of the `order` tokens before position j + order
+    for i in range(1, order + 1):
+        h = (h * _HASH) ^ seq[order - i : n - i].astype(np.uint64)
+    by_hash = np.argsort(h, kind="stable")  # j, by (hash, position)
+    sorted_h = h[by_hash]
+    del h
+    group = np.zeros(n - order, dtype=np.int64)  # the rank of each sorted entry's hash
+    np.cumsum(sorted_h[1:] != sorted_h[:-1], out=group[1:])
+    del sorted_h
+    group_of = np.empty(n - order, dtype=np.int64)
+    group_of[by_hash] = group
+    by_hash += order  # now positions
+    keys = group * (n + 1) + by_hash  # sorted
+    out = np.full(n - first, -1, dtype=np.int64)
+    for c in range(max(first, order), n, _CHUNK):  # in chunks: the temporaries stay small
+        t = np.arange(c, min(c + _CHUNK, n), dtype=np.int64)
+        g = group_of[t - order]
+        at = np.searchsorted(keys, g * (n + 1) + np.minimum(limits[t - first], t), side="left") - 1
+        ok = at >= 0
+        hit = np.where(ok, at, 0)
+        ok &= group[hit] == g
+        out[t - first] = np.where(ok, by_hash[hit], -1)
+    return out
 
 
 def mixture_bits(
@@ -427,7 +457,26 @@ def mixture_bits(
     lm_bits (n,) float64 and targets (n,) are the tokens in order; dist/neighbours (n, k) their
     neighbours' squared distances and tokens (rows without memory are ignored); `run_before` the
     tokens matched in a row just before the first one; predicted/matched (n,) the copy model's
-    (`copy_predictions`; none: no copy model). All on the CPU."""
+    (`copy_predictions`; none: no copy model). All on the CPU. The same as `knn_mixture` then
+    `copy_mixture`, which `MemoryCompressor` applies a step of tokens at a time."""
+    out, hits = knn_mixture(lm_bits, targets, dist, neighbours, has_memory, run_before, params)
+    if predicted is not None and matched is not None:
+        out = copy_mixture(out, targets, predicted, matched, params)
+    return out, hits
+
+
+def knn_mixture(
+    lm_bits: torch.Tensor,
+    targets: torch.Tensor,
+    dist: torch.Tensor,
+    neighbours: torch.Tensor,
+    has_memory: torch.Tensor,
+    run_before: int,
+    params: MemoryParams,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LM and the kNN memory mixed (`mixture_bits` without the copy model): each token's bits
+    depend on its own row and on the run of hits before it only, so consecutive slices of tokens
+    can be mixed one after another (`run_before` carries the run across)."""
     hits = has_memory & (neighbours[:, 0] == targets)
     # r[t]: consecutive hits right before t, continuing the run that ended at `run_before`.
     n = len(targets)
@@ -448,13 +497,20 @@ def mixture_bits(
         lam = params.max_weight * torch.sigmoid(logit)
         p_lm = torch.exp2(-lm_bits[rows])
         out[rows] = -torch.log2((1 - lam) * p_lm + lam * p_mem)
-    if predicted is not None and matched is not None:
-        rows = (predicted >= 0).nonzero().squeeze(1)
-        if len(rows):
-            mu = params.copy_max * torch.sigmoid(params.copy_bias + params.copy_length * torch.log(matched[rows]))
-            right = (predicted[rows] == targets[rows]).to(torch.float64)
-            out[rows] = -torch.log2((1 - mu) * torch.exp2(-out[rows]) + mu * right)
     return out, hits
+
+
+def copy_mixture(
+    bits: torch.Tensor, targets: torch.Tensor, predicted: torch.Tensor, matched: torch.Tensor, params: MemoryParams
+) -> torch.Tensor:
+    """`bits` (n,) float64 mixed with the copy model's predictions (`copy_predictions`)."""
+    out = bits.clone()
+    rows = (predicted >= 0).nonzero().squeeze(1)
+    if len(rows):
+        mu = params.copy_max * torch.sigmoid(params.copy_bias + params.copy_length * torch.log(matched[rows]))
+        right = (predicted[rows] == targets[rows]).to(torch.float64)
+        out[rows] = -torch.log2((1 - mu) * torch.exp2(-out[rows]) + mu * right)
+    return out
 
 
 class MemoryCompressor:
@@ -520,35 +576,60 @@ class MemoryCompressor:
 
     def _code(self, tokens: list[int], before: Memory | None, progress: Progress | None) -> Memory:
         """Code the tokens after those `before` holds (none: all of them); returns the memory of
-        the tokens coded, with their bits."""
-        found = self.neighbours(tokens, before, progress)
+        the tokens coded, with their bits. The kNN part of the mixture is applied a step at a
+        time, so only a step's neighbours are ever held (not k of them for every token: ~200 B a
+        token); the copy model then runs over the whole sequence."""
+        start = len(before.values) if before is not None else 0
+        n = len(tokens) - start
+        own = KeyBuffer(self.lm.hidden_size, self.lm.device)
+        targets = torch.tensor(tokens[start:], dtype=torch.long)
+        bits = torch.zeros(n, dtype=torch.float64)
+        hits = torch.zeros(n, dtype=torch.bool)
+        limits = torch.zeros(n, dtype=torch.long)
         run, state = (before.run_at_end(), before.copy_state) if before is not None else (0, (-1, 0))
-        predicted = matched = None
+        for rows, lm_bits, distances, neighbour_tokens, step_limits in self._steps(tokens, before, own, progress):
+            bits[rows], hits[rows] = knn_mixture(
+                lm_bits, targets[rows], distances, neighbour_tokens, step_limits > 0, run, self.params
+            )
+            limits[rows] = step_limits
+            run = _run_after(hits[rows], run)
         if self.params.order:
-            first = len(tokens) - len(found.targets)
-            predicted, matched, state = copy_predictions(tokens, first, found.limits.tolist(), self.params.order, state)
-        bits, hits = mixture_bits(
-            found.lm_bits, found.targets, found.distances, found.tokens, found.has_memory, run, self.params,
-            predicted, matched,
-        )  # fmt: skip
-        return Memory(found.keys, found.norms, found.targets, bits, hits, state, found.key_offset)
+            predicted, matched, state = copy_predictions(tokens, start, limits, self.params.order, state)
+            del limits
+            bits = copy_mixture(bits, targets, predicted, matched, self.params)
+        keys, norms = own.take()
+        return Memory(keys, norms, targets, bits, hits, state, own.offset)
 
     def neighbours(self, tokens: Sequence[int], before: Memory | None, progress: Progress | None = None) -> Neighbours:
         """The LM's bits and the k nearest memory entries of every token after those `before`
-        holds (none: all of them), a few windows at a time. Independent of the mixture's
-        parameters (benchmarks/conditioning_fit.py fits them on this)."""
+        holds (none: all of them). Independent of the mixture's parameters
+        (benchmarks/conditioning_fit.py fits them on this)."""
         tokens = list(tokens)
         start = len(before.values) if before is not None else 0
-        n = len(tokens) - start
-        device, k = self.lm.device, self.params.k
-        own = KeyBuffer(self.lm.hidden_size, device)  # this call's keys: row 0 is token `start`
-        targets = torch.tensor(tokens[start:], dtype=torch.long)
-        memory_values = targets if before is None else torch.cat([before.values, targets])
+        n, k = len(tokens) - start, self.params.k
+        own = KeyBuffer(self.lm.hidden_size, self.lm.device)
         lm_bits = torch.zeros(n, dtype=torch.float64)
         distances = torch.full((n, k), math.inf)
         neighbour_tokens = torch.zeros((n, k), dtype=torch.long)
-        has_memory = torch.zeros(n, dtype=torch.bool)
         limits = torch.zeros(n, dtype=torch.long)
+        for rows, bits, d, found, step_limits in self._steps(tokens, before, own, progress):
+            lm_bits[rows], distances[rows], neighbour_tokens[rows], limits[rows] = bits, d, found, step_limits
+        keys, norms = own.take()
+        targets = torch.tensor(tokens[start:], dtype=torch.long)
+        return Neighbours(lm_bits, targets, distances, neighbour_tokens, limits > 0, limits, keys, norms, own.offset)
+
+    def _steps(
+        self, tokens: Sequence[int], before: Memory | None, own: KeyBuffer, progress: Progress | None
+    ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The tokens after those `before` holds, a few windows at a time: for each step, the
+        rows it covers (0: token len(before)), the LM's bits, the k nearest memory entries'
+        squared distances and tokens, and how many memory rows lie before each token's window,
+        all on the CPU. Their keys go into `own` (rows no later token reaches are dropped)."""
+        start = len(before.values) if before is not None else 0
+        n = len(tokens) - start
+        device = self.lm.device
+        targets = torch.tensor(tokens[start:], dtype=torch.long)
+        memory_values = targets if before is None else torch.cat([before.values, targets])
         ends = [end - 1 for _, end, _ in window_spans(len(tokens) + 1, self.lm.window) if end - 1 > start]
         context, stride = self.lm.window.context_tokens, self.lm.window.stride
         filled = 0
@@ -566,7 +647,6 @@ class MemoryCompressor:
             limit_own = (starts - 1 - start).clamp_min(0)
             floor = self._floors(starts)
             floor_before, floor_own = floor.clamp(0, start), (floor - start).clamp_min(0)
-            rows = slice(filled, end - start)
             # The group's own keys first: a later window of the group sees the earlier ones.
             own.append(states)
             keys, norms = own.view()
@@ -574,18 +654,13 @@ class MemoryCompressor:
                 states, before, (floor_before, limit_before), (keys, norms, own.offset), (floor_own, limit_own)
             )
             own.drop_below(int(floor_own[-1]))  # no later token reaches below its floor
-            lm_bits[rows] = bits
-            distances[rows] = d.cpu()
-            neighbour_tokens[rows] = memory_values[found.cpu().clamp_max(len(memory_values) - 1)]
-            limits[rows] = (limit_before + limit_own).cpu()
-            has_memory[rows] = limits[rows] > 0
+            found_tokens = memory_values[found.cpu().clamp_max(len(memory_values) - 1)]
+            yield slice(filled, end - start), bits, d.cpu(), found_tokens, (limit_before + limit_own).cpu()
             if progress is not None:
                 progress(end - start - filled, 0)
             filled = end - start
         # What follows reaches no lower than the next token's floor: a kept memory holds only that.
         own.drop_below(int(self._floors(window_starts(torch.tensor([len(tokens) + 1]), context, stride))[0]) - start)
-        keys, norms = own.take()
-        return Neighbours(lm_bits, targets, distances, neighbour_tokens, has_memory, limits, keys, norms, own.offset)
 
     def _floors(self, starts: torch.Tensor) -> torch.Tensor:
         """The lowest memory row each token's kNN search reaches, from its window's start: `horizon`

@@ -133,6 +133,33 @@ def test_a_trimmed_memory_codes_what_follows_as_the_whole_one(lm, monkeypatch: p
         search(kept.keys[:1].float(), kept.keys, kept.norms, torch.tensor([KEY_BLOCK + 10]), 4, offset=KEY_BLOCK)
 
 
+def test_coding_a_step_at_a_time_gives_the_mixture_of_all_the_neighbours(lm) -> None:
+    """The memory applies the kNN mixture a step of windows at a time (holding one step's
+    neighbours, not every token's): the bits are exactly those of `mixture_bits` over every
+    token's neighbours at once, for X alone and for Y after X's memory, copy model included."""
+    from models.conditioning import MEMORY
+    from models.memory import copy_predictions
+
+    compressor = MemoryCompressor(lm, MEMORY["tiny-random"], 1 << 26, windows_per_step=2)
+    x = tokens(300, 25) + tokens(120, 26) + tokens(200, 27) + tokens(120, 26)  # a copy inside X
+    y = tokens(50, 28) + tokens(120, 26)[:60]  # and one of X's records in Y
+    params = compressor.params
+    memory_x = compressor.memory(x)
+    for sequence, before in ((x, None), (x + y, memory_x)):
+        found = compressor.neighbours(sequence, before)
+        start = len(before.values) if before is not None else 0
+        run, state = (before.run_at_end(), before.copy_state) if before is not None else (0, (-1, 0))
+        predicted, matched, _ = copy_predictions(sequence, start, found.limits.tolist(), params.order, state)
+        expected, hits = mixture_bits(
+            found.lm_bits, found.targets, found.distances, found.tokens, found.has_memory, run, params,
+            predicted, matched,
+        )  # fmt: skip
+        coded = compressor._code(sequence, before, None)
+        assert torch.equal(coded.bits, expected) and torch.equal(coded.hits, hits)
+        assert bool((predicted >= 0).any()) and bool(hits.any())  # both parts of the mixture took part
+    assert torch.equal(memory_x.bits, compressor._code(x, None, None).bits)
+
+
 def test_the_key_buffer_keeps_the_rows_it_has_not_dropped() -> None:
     from models.memory import KEY_BLOCK, KeyBuffer
 
@@ -231,6 +258,35 @@ def test_the_copy_model_follows_an_earlier_occurrence_before_the_window() -> Non
     tail, tail_matched, _ = copy_predictions(sequence, 100, everything[100:], 4, state)
     assert torch.equal(torch.cat([head, tail]), predicted)
     assert torch.equal(torch.cat([head_matched, tail_matched]), matched)
+
+
+def _latest(sequence: list[int], t: int, limit: int, order: int) -> int:
+    """By brute force: the latest s < min(limit, t) whose `order` tokens before it are t's."""
+    if t < order:
+        return -1
+    earlier = (s for s in range(order, min(limit, t)) if sequence[s - order : s] == sequence[t - order : t])
+    return max(earlier, default=-1)
+
+
+def test_the_copy_model_finds_the_latest_occurrence_below_each_limit() -> None:
+    """The hashed, chunked lookup against a brute force: for each token, the latest earlier
+    position below its limit whose `order` tokens before it are the token's."""
+    import numpy as np
+
+    import models.memory as memory
+
+    rng = random.Random(5)
+    for trial in range(40):
+        n, order = rng.randrange(1, 400), rng.choice([1, 2, 3, 4])
+        sequence = [rng.randrange(rng.choice([2, 3, 40])) for _ in range(n)]
+        first = rng.randrange(0, n + 1)
+        limits = [max(0, t - rng.randrange(0, 60)) for t in range(first, n)]
+        chunk = rng.choice([7, 1 << 16])
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(memory, "_CHUNK", chunk)
+            found = memory._latest_occurrences(np.asarray(sequence), first, np.asarray(limits), order).tolist()
+        expected = [_latest(sequence, t, limit, order) for t, limit in zip(range(first, n), limits, strict=True)]
+        assert found == expected, (trial, chunk)
 
 
 def test_search_is_exact_and_respects_limits() -> None:
