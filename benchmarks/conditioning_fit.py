@@ -90,7 +90,7 @@ def copies(cases: dict[str, Case], order: int) -> dict[str, tuple]:
     out, states = {}, {}
     for name, case in sorted(cases.items(), key=lambda kv: kv[1].x is not None):  # Xs first
         state = states[case.x] if case.x else (-1, 0)
-        predicted, matched, states[name] = copy_predictions(
+        predicted, matched, states[name], _ = copy_predictions(
             case.sequence, case.first, case.found.limits.tolist(), order, state
         )
         out[name] = (predicted, matched)

@@ -19,9 +19,16 @@ mode against `context` mode, each in a process of its own, with the tiny random 
 forward passes take seconds, and its per-token arrays are the real model's; its keys are few:
 horizon 4,096). The slope between two sizes is the bytes a token.
 
+`per-y`: what one more Y costs after X's memory (or `adapt`'s trained state) is built and
+cached (a matrix row, many pairs), or after X in `context` mode, against the same Y coded alone,
+at several sizes of X; tiny random model, horizon 4,096, so the model and the search cost the
+same at every size: what grows
+with X is work the code does over all of X again for each Y.
+
     python benchmarks/memory_scaling.py precision [--data ../shared/data/sms_spam/sms_spam.tsv] [--x-bytes 40000]
     python benchmarks/memory_scaling.py horizon --threads 2 [--horizons 65536,131072,262144,524288]
     python benchmarks/memory_scaling.py overhead [--tokens 200000,1000000]
+    python benchmarks/memory_scaling.py per-y [--tokens 100000,1000000] [--mode context|adapt]
 """
 
 from __future__ import annotations
@@ -134,18 +141,49 @@ def overhead(args: argparse.Namespace) -> None:
             print(f"{mode:8s}: {slope:.0f} B a token between {a} and {b} tokens")
 
 
-def overhead_one(args: argparse.Namespace) -> None:
+def _tiny(n: int, seed: int, mode: str = "memory", cache_bytes: int = 0) -> tuple[LMCompressor, object, tuple]:
+    """The tiny model, its compressor in `mode` (`memory`: horizon 4,096) and n tokens, half of
+    them repeats."""
     from models.memory import MemoryCompressor
     from models.tiny import tiny_compressor
 
     lm = tiny_compressor(context_tokens=512, stride=256)
-    rng = random.Random(args.seed)
-    records = [rng.randrange(3, 259) for _ in range(20_000)]  # half the tokens repeat earlier ones
-    tokens = tuple(
-        records[rng.randrange(20_000)] if rng.random() < 0.5 else rng.randrange(3, 259) for _ in range(args.n)
-    )
-    params = dataclasses.replace(MEMORY["tiny-random"], horizon=4096)
-    compressor = lm if args.mode == "context" else MemoryCompressor(lm, params, 0)
+    rng = random.Random(seed)
+    records = [rng.randrange(3, 259) for _ in range(20_000)]
+    tokens = tuple(records[rng.randrange(20_000)] if rng.random() < 0.5 else rng.randrange(3, 259) for _ in range(n))
+    if mode in ("context", "adapt"):
+        return lm, conditioned(lm, mode, 0, cache_bytes), tokens
+    return lm, MemoryCompressor(lm, dataclasses.replace(MEMORY["tiny-random"], horizon=4096), cache_bytes), tokens
+
+
+def per_y(args: argparse.Namespace) -> None:
+    args.model, args.data = "tiny-random", "random tokens, half of them repeats"
+    conditions(args, f" · {args.mode} mode (memory: horizon 4,096) · 20 Ys of 300 tokens")
+    rng = random.Random(args.seed + 1)
+    ys = [tuple(rng.randrange(3, 259) for _ in range(300)) for _ in range(20)]
+    for n in (int(t) for t in args.tokens.split(",")):
+        lm, compressor, x = _tiny(n, args.seed, args.mode, 1 << 30)
+        started = time.perf_counter()
+        if args.mode != "context":
+            compressor.score([Segment((), x)])  # X's memory or trained state, built once and cached
+        built = time.perf_counter() - started
+        timed = {}
+        for label, segments in (("alone", [Segment((), y) for y in ys]), ("after X", [Segment(x, y) for y in ys])):
+            coder = lm if label == "alone" else compressor
+            started = time.perf_counter()
+            for segment in segments:
+                coder.score([segment], need_prefix=False)  # as a worker asks for C(Y|X)
+            timed[label] = (time.perf_counter() - started) / len(ys) * 1e3
+        print(
+            f"X {n:8d} tokens (built in {built:.0f} s): a Y alone {timed['alone']:.1f} ms, "
+            f"after X {timed['after X']:.1f} ms, {timed['after X'] - timed['alone']:.1f} ms more",
+            flush=True,
+        )
+
+
+def overhead_one(args: argparse.Namespace) -> None:
+    lm, memory_mode, tokens = _tiny(args.n, args.seed)
+    compressor = lm if args.mode == "context" else memory_mode
     compressor.score([Segment((), tokens[:1000])])  # the first call's allocations are not the sequence's
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
@@ -156,7 +194,7 @@ def overhead_one(args: argparse.Namespace) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("precision", "horizon", "overhead", "overhead-one"))
+    ap.add_argument("what", choices=("precision", "horizon", "overhead", "overhead-one", "per-y"))
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--seed", type=int, default=0)
@@ -165,12 +203,12 @@ def main() -> int:
     ap.add_argument("--horizons", default="65536,131072,262144,524288")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tokens", default="200000,1000000", help="overhead: the sequence lengths")
-    ap.add_argument("--mode", default="memory", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default="memory", help="per-y: context, memory or adapt")
     ap.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if args.what.startswith("overhead"):
-        (overhead if args.what == "overhead" else overhead_one)(args)
+    if args.what in ("overhead", "overhead-one", "per-y"):
+        {"overhead": overhead, "overhead-one": overhead_one, "per-y": per_y}[args.what](args)
         return 0
     lm = Registry(Settings(models=args.model)).get(args.model)
     {"precision": precision, "horizon": horizon}[args.what](lm, args)

@@ -33,12 +33,13 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from models.batching import window_spans
 from models.lm import LMCompressor
-from models.memory import sequence_digest
+from models.memory import RecentDigests
 from models.protocol import Progress, Segment, SegmentBits, Symbols
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -167,6 +168,7 @@ class AdaptCompressor:
         self.lm = lm
         self.params = params
         self.cache = StateCache(cache_bytes)
+        self.digest = RecentDigests()  # X's digest once for a matrix row's Ys
         self.info = lm.info.with_mode("adapt")
         self._layers = attach(lm.body, params.layers)
 
@@ -194,7 +196,7 @@ class AdaptCompressor:
         `replay` more passes over them that come before whatever follows them (from the cache if
         there). C(X) alone needs only the coded state: the replay passes change no bits of X, so
         they run only when X conditions something."""
-        digest = sequence_digest(tokens)
+        digest = self.digest(tokens)
         if replayed and self.params.replay:
             state = self.cache.get(f"{digest}:replayed")
             if state is None:
@@ -229,14 +231,17 @@ class AdaptCompressor:
         of tokens[start:] and the state after them (with `before`'s bits added)."""
         params, optimizer = self._trainable(before)
         spans = self._spans(len(tokens), start)
-        ids = torch.tensor([self.lm.start_token_id, *tokens], dtype=torch.long, device=self.lm.device)
+        # Positions low.. of the start token + tokens: all that the blocks read (a Y after a long
+        # X reads the window before Y, so X's other tokens are not converted again for each Y).
+        low = spans[0][0] if spans else len(tokens)
+        ids = self._ids(tokens, low)
         total = 0.0
         if progress is not None:
             progress(0, len(tokens) - start)
         with self.lm.lock, self._active(params):
             for k, (a, b, first) in enumerate(spans):
                 last = k + 1 == len(spans)
-                total += self._block(ids, a, b, first, optimizer, train=train_last or not last)
+                total += self._block(ids, a - low, b - low, first - low, optimizer, train=train_last or not last)
                 if progress is not None:
                     progress(b - first, 0)
         return total, self._snapshot(params, optimizer, total + (before.bits if before is not None else 0.0))
@@ -246,7 +251,7 @@ class AdaptCompressor:
         them: the state that codes what follows them (its bits: those of coding them, unchanged)."""
         params, optimizer = self._trainable(coded)
         spans = self._spans(len(tokens), 0)
-        ids = torch.tensor([self.lm.start_token_id, *tokens], dtype=torch.long, device=self.lm.device)
+        ids = self._ids(tokens, 0)
         if progress is not None:
             progress(0, len(tokens) * self.params.replay)
         with self.lm.lock, self._active(params):
@@ -256,6 +261,14 @@ class AdaptCompressor:
                     if progress is not None:
                         progress(b - first, 0)
         return self._snapshot(params, optimizer, coded.bits)
+
+    def _ids(self, tokens: Sequence[int], low: int) -> torch.Tensor:
+        """Positions low.. of the start token + tokens, on the model's device."""
+        tail = tokens[max(low - 1, 0) :]
+        ids = torch.from_numpy(np.fromiter(tail, dtype=np.int64, count=len(tail)))
+        if low == 0:
+            ids = torch.cat([torch.tensor([self.lm.start_token_id]), ids])
+        return ids.to(self.lm.device)
 
     def _spans(self, n: int, start: int) -> list[tuple[int, int, int]]:
         """The blocks that code tokens[start:] of n tokens: (window start, end, first position

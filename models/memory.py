@@ -46,7 +46,10 @@ Exact search. The distances are computed in blocks of a fixed number of keys wit
 fixed-tile products on the CPU (`models.invariant`), so a query's neighbours never depend on its
 batch; top-k runs on block minima first (the k best keys lie in the k blocks with the smallest
 minima), then on those blocks only. A memory is built once per sequence and kept in an LRU
-bounded by bytes, on the model's device.
+bounded by bytes, on the model's device, with the copy model's index of the sequence (its
+positions sorted by the hash of the tokens before them, <= 16 B a token), so a Y after X hashes
+and sorts only its own positions (`CopyIndex`); what a Y still does over all of X is copying
+X's token ids (memcpy speed: ~2 ms for a million).
 """
 
 from __future__ import annotations
@@ -138,10 +141,12 @@ class Memory:
     hits: torch.Tensor  # (n,) bool, CPU: whether the nearest key named the token
     copy_state: tuple[int, int] = (-1, 0)  # the copy model after the last token: (pointer, tokens matched)
     key_offset: int = 0  # keys[0] is row key_offset's (rows below it are beyond every later token's horizon)
+    copy_index: CopyIndex | None = None  # the copy model's lookup of every position (None: rebuilt when needed)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.norms, self.values, self.bits, self.hits))
+        tensors = sum(t.numel() * t.element_size() for t in (self.keys, self.norms, self.values, self.bits, self.hits))
+        return tensors + (self.copy_index.nbytes if self.copy_index is not None else 0)
 
     def run_at_end(self) -> int:
         """Tokens matched in a row at the end of the sequence."""
@@ -213,7 +218,35 @@ class KeyBuffer:
 
 
 def sequence_digest(tokens: Sequence[int]) -> str:
-    return hashlib.sha256(np.asarray(tokens, dtype=np.int64).tobytes()).hexdigest()
+    return hashlib.sha256(np.fromiter(tokens, dtype=np.int64, count=len(tokens)).tobytes()).hexdigest()
+
+
+class RecentDigests:
+    """`sequence_digest` of the last few token tuples seen, by identity: the worker hands the same
+    tuple for a matrix row's X to every Y (its SymbolCache), so X is hashed once, not once per Y
+    (~30 ms for a million tokens, more than a Y's own work on a GPU). Tuples only, as they cannot
+    change; an entry holds its tuple, so its id is not reused while it is remembered."""
+
+    def __init__(self, size: int = 2) -> None:
+        self._items: OrderedDict[int, tuple[tuple, str]] = OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def __call__(self, tokens: Sequence[int]) -> str:
+        if not isinstance(tokens, tuple):
+            return sequence_digest(tokens)
+        with self._lock:
+            seen = self._items.get(id(tokens))
+            if seen is not None and seen[0] is tokens:
+                self._items.move_to_end(id(tokens))
+                return seen[1]
+        digest = sequence_digest(tokens)
+        with self._lock:
+            self._items[id(tokens)] = (tokens, digest)
+            self._items.move_to_end(id(tokens))
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+        return digest
 
 
 class MemoryCache:
@@ -369,18 +402,25 @@ def copy_predictions(
     limits: Sequence[int] | torch.Tensor,
     order: int,
     state: tuple[int, int] = (-1, 0),
-) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    earlier: CopyIndex | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], CopyIndex | None]:
     """The copy model over tokens first.. of `sequence` (see the module docstring): for each, the
-    predicted token (-1: none) and the tokens matched so far, (n,) long and (n,) float64; and its
-    state after the last token. `limits[i]` is how many tokens lie before token first + i's
-    window (a pointer must stay below it); `state` is the model's after token first - 1. Holds
-    ~40 bytes a token while it runs (~70 while it looks the occurrences up)."""
+    predicted token (-1: none) and the tokens matched so far, (n,) long and (n,) float64; its
+    state after the last token; and the lookup of the positions first.. (`CopyIndex`; None if
+    there are none). `limits[i]` is how many tokens lie before token first + i's window (a
+    pointer must stay below it); `state` is the model's after token first - 1; `earlier`, the
+    lookup of the positions before `first` if the caller kept it (a memory of X keeps X's, so a
+    Y after X hashes and sorts Y's positions only), else they are indexed here. Holds ~40 bytes a
+    token while it runs (~70 while it looks the occurrences up)."""
     seq = np.asarray(sequence, dtype=np.int64)
     n, m = len(seq), len(seq) - first
     if n <= order or m <= 0:
-        return torch.full((max(m, 0),), -1, dtype=torch.long), torch.zeros(max(m, 0), dtype=torch.float64), state
+        nothing = torch.full((max(m, 0),), -1, dtype=torch.long), torch.zeros(max(m, 0), dtype=torch.float64)
+        return *nothing, state, None
     limits = np.asarray(limits, dtype=np.int64)
-    found = _ints(_latest_occurrences(seq, first, limits, order))
+    index, hashes = CopyIndex.build(seq, first if earlier is not None else 0, order)
+    found = _ints(_latest_occurrences(first, limits, hashes, index, earlier))
+    del hashes
     tokens, limits = _ints(seq), _ints(limits)
     del seq
     ptr, matched = state
@@ -401,7 +441,7 @@ def copy_predictions(
             else:
                 ptr, matched = -1, 0
     as_long = torch.from_numpy(np.frombuffer(predicted, dtype=np.int64))
-    return as_long, torch.from_numpy(np.frombuffer(lengths, dtype=np.float64)), (ptr, matched)
+    return as_long, torch.from_numpy(np.frombuffer(lengths, dtype=np.float64)), (ptr, matched), index
 
 
 def _ints(values: np.ndarray) -> array:
@@ -409,35 +449,70 @@ def _ints(values: np.ndarray) -> array:
     return array("q", np.ascontiguousarray(values, dtype=np.int64).tobytes())
 
 
-def _latest_occurrences(seq: np.ndarray, first: int, limits: np.ndarray, order: int) -> np.ndarray:
-    """For each token t >= first of `seq`, the latest position s < min(limits[t - first], t) whose
-    `order` tokens before it hash as t's do (-1: none); a hash only, so the caller compares the
-    tokens. By binary searches in the positions sorted by (hash, position)."""
-    n = len(seq)
-    if n <= order:
-        return np.full(max(n - first, 0), -1, dtype=np.int64)
-    h = np.zeros(n - order, dtype=np.uint64)  # h[j]: the hash of the `order` tokens before position j + order
-    for i in range(1, order + 1):
-        h = (h * _HASH) ^ seq[order - i : n - i].astype(np.uint64)
-    by_hash = np.argsort(h, kind="stable")  # j, by (hash, position)
-    sorted_h = h[by_hash]
-    del h
-    group = np.zeros(n - order, dtype=np.int64)  # the rank of each sorted entry's hash
-    np.cumsum(sorted_h[1:] != sorted_h[:-1], out=group[1:])
-    del sorted_h
-    group_of = np.empty(n - order, dtype=np.int64)
-    group_of[by_hash] = group
-    by_hash += order  # now positions
-    keys = group * (n + 1) + by_hash  # sorted
-    out = np.full(n - first, -1, dtype=np.int64)
-    for c in range(max(first, order), n, _CHUNK):  # in chunks: the temporaries stay small
-        t = np.arange(c, min(c + _CHUNK, n), dtype=np.int64)
-        g = group_of[t - order]
-        at = np.searchsorted(keys, g * (n + 1) + np.minimum(limits[t - first], t), side="left") - 1
-        ok = at >= 0
-        hit = np.where(ok, at, 0)
-        ok &= group[hit] == g
-        out[t - first] = np.where(ok, by_hash[hit], -1)
+@dataclass(frozen=True)
+class CopyIndex:
+    """The copy model's lookup of positions low..low + size - 1 of a sequence (low >= order): the
+    hash of the `order` tokens before each position, as the positions sorted by (hash, position),
+    so the latest position below a bound with a given hash is two binary searches away. 16 bytes a
+    position at most; a memory keeps its sequence's."""
+
+    low: int
+    size: int
+    hashes: np.ndarray  # (groups,) uint64: the distinct hashes, sorted
+    keys: np.ndarray  # (size,) int64, sorted: group × (size + 1) + position − low
+
+    @property
+    def nbytes(self) -> int:
+        return self.hashes.nbytes + self.keys.nbytes
+
+    @staticmethod
+    def build(seq: np.ndarray, low: int, order: int) -> tuple[CopyIndex, np.ndarray]:
+        """The index of positions max(low, order).. of `seq`, and their hashes, in position order."""
+        n, low = len(seq), max(low, order)
+        h = np.zeros(max(n - low, 0), dtype=np.uint64)
+        for i in range(1, order + 1):
+            h = (h * _HASH) ^ seq[low - i : n - i].astype(np.uint64)
+        by_hash = np.argsort(h, kind="stable")  # position − low, by (hash, position)
+        sorted_h = h[by_hash]
+        starts = np.ones(len(h), dtype=bool)  # where a hash's group starts
+        np.not_equal(sorted_h[1:], sorted_h[:-1], out=starts[1:])
+        group = np.cumsum(starts) - 1
+        hashes = sorted_h[starts]
+        del sorted_h, starts
+        keys = group * (len(h) + 1) + by_hash
+        return CopyIndex(low, len(h), hashes, keys), h
+
+    def latest(self, hashes: np.ndarray, below: np.ndarray) -> np.ndarray:
+        """For each hash, the latest position of the index below `below` (its entry) with that
+        hash; -1 where there is none."""
+        if self.size == 0:
+            return np.full(len(hashes), -1, dtype=np.int64)
+        width = self.size + 1
+        group = np.minimum(np.searchsorted(self.hashes, hashes), len(self.hashes) - 1)
+        ok = self.hashes[group] == hashes
+        at = np.searchsorted(self.keys, group * width + np.clip(below - self.low, 0, self.size), side="left") - 1
+        ok &= at >= 0
+        hit = self.keys[np.where(ok, at, 0)]
+        ok &= hit // width == group
+        return np.where(ok, hit % width + self.low, -1)
+
+
+def _latest_occurrences(
+    first: int, limits: np.ndarray, hashes: np.ndarray, index: CopyIndex, earlier: CopyIndex | None
+) -> np.ndarray:
+    """For each token t >= first, the latest position s < min(limits[t - first], t) whose `order`
+    tokens before it hash as t's do (-1: none); a hash only, so the caller compares the tokens.
+    `index` holds the positions from index.low on and `hashes` their hashes; `earlier` the
+    positions before `first`, where `index` starts at `first`."""
+    out = np.full(len(limits), -1, dtype=np.int64)
+    end = index.low + index.size
+    for c in range(max(index.low, first), end, _CHUNK):  # in chunks: the temporaries stay small
+        t = np.arange(c, min(c + _CHUNK, end), dtype=np.int64)
+        h, below = hashes[t - index.low], np.minimum(limits[t - first], t)
+        found = index.latest(h, below)
+        if earlier is not None:
+            found = np.where(found >= 0, found, earlier.latest(h, below))
+        out[t - first] = found
     return out
 
 
@@ -528,6 +603,7 @@ class MemoryCompressor:
         self.params = params
         self.cache = MemoryCache(cache_bytes)
         self.windows_per_step = windows_per_step  # windows per engine call: bounds the states held at once
+        self.digest = RecentDigests()
         self.info = lm.info.with_mode("memory")
 
     def encode(self, text: str) -> Symbols:
@@ -545,7 +621,7 @@ class MemoryCompressor:
         # Segments that need the same memory (X alone, X before a Y) are coded one after another,
         # and the last memory built is held for them even when it is over the cache's bound (it
         # was just built, so that costs no more memory than building it did).
-        needs = {i: sequence_digest(s.prefix or s.target) for i, s in enumerate(segments) if out[i] is None}
+        needs = {i: self.digest(s.prefix or s.target) for i, s in enumerate(segments) if out[i] is None}
         held: dict[str, Memory] = {}
         for i in sorted(needs, key=lambda i: (needs[i], i)):
             s = segments[i]
@@ -554,7 +630,7 @@ class MemoryCompressor:
                 out[i] = SegmentBits(prefix_bits=0.0, target_bits=float(whole.bits.sum()))
             else:
                 before = self.memory(s.prefix, progress, held, needs[i])
-                after = self._code([*s.prefix, *s.target], before, progress)
+                after = self._code(s.target, before, progress)
                 out[i] = SegmentBits(prefix_bits=float(before.bits.sum()), target_bits=float(after.bits.sum()))
         return out  # type: ignore[return-value]
 
@@ -564,73 +640,77 @@ class MemoryCompressor:
         """The memory of a whole sequence, built once and then taken from the cache (or from
         `held`, where the caller keeps the last one built, cached or not); `digest`: the tokens'
         `sequence_digest`, if the caller has it."""
-        digest = digest or sequence_digest(tokens)
+        digest = digest or self.digest(tokens)
         memory = (held or {}).get(digest) or self.cache.get(digest)
         if memory is None:
-            memory = self._code(list(tokens), None, progress)
+            memory = self._code(tokens, None, progress)
             self.cache.put(digest, memory)
         if held is not None:
             held.clear()
             held[digest] = memory
         return memory
 
-    def _code(self, tokens: list[int], before: Memory | None, progress: Progress | None) -> Memory:
-        """Code the tokens after those `before` holds (none: all of them); returns the memory of
-        the tokens coded, with their bits. The kNN part of the mixture is applied a step at a
-        time, so only a step's neighbours are ever held (not k of them for every token: ~200 B a
-        token); the copy model then runs over the whole sequence."""
-        start = len(before.values) if before is not None else 0
-        n = len(tokens) - start
+    def _code(self, following: Sequence[int], before: Memory | None, progress: Progress | None) -> Memory:
+        """Code the tokens that follow those `before` holds (none: a sequence of its own);
+        returns the memory of the tokens coded, with their bits. The kNN part of the mixture is
+        applied a step at a time, so only a step's neighbours are ever held (not k of them for
+        every token: ~200 B a token); the copy model then runs over the whole sequence."""
+        sequence = _sequence(following, before)
+        start, n = len(sequence) - len(following), len(following)
         own = KeyBuffer(self.lm.hidden_size, self.lm.device)
-        targets = torch.tensor(tokens[start:], dtype=torch.long)
+        targets = sequence[start:]
         bits = torch.zeros(n, dtype=torch.float64)
         hits = torch.zeros(n, dtype=torch.bool)
         limits = torch.zeros(n, dtype=torch.long)
         run, state = (before.run_at_end(), before.copy_state) if before is not None else (0, (-1, 0))
-        for rows, lm_bits, distances, neighbour_tokens, step_limits in self._steps(tokens, before, own, progress):
+        for rows, lm_bits, distances, neighbour_tokens, step_limits in self._steps(sequence, before, own, progress):
             bits[rows], hits[rows] = knn_mixture(
                 lm_bits, targets[rows], distances, neighbour_tokens, step_limits > 0, run, self.params
             )
             limits[rows] = step_limits
             run = _run_after(hits[rows], run)
+        index = None
         if self.params.order:
-            predicted, matched, state = copy_predictions(tokens, start, limits, self.params.order, state)
+            earlier = before.copy_index if before is not None else None
+            predicted, matched, state, index = copy_predictions(
+                sequence.numpy(), start, limits, self.params.order, state, earlier
+            )
             del limits
             bits = copy_mixture(bits, targets, predicted, matched, self.params)
         keys, norms = own.take()
-        return Memory(keys, norms, targets, bits, hits, state, own.offset)
+        # The copy index covers this call's positions: all of them only when nothing came before.
+        return Memory(keys, norms, targets, bits, hits, state, own.offset, index if before is None else None)
 
     def neighbours(self, tokens: Sequence[int], before: Memory | None, progress: Progress | None = None) -> Neighbours:
         """The LM's bits and the k nearest memory entries of every token after those `before`
         holds (none: all of them). Independent of the mixture's parameters
         (benchmarks/conditioning_fit.py fits them on this)."""
-        tokens = list(tokens)
         start = len(before.values) if before is not None else 0
+        sequence = _sequence(tokens[start:], before)
         n, k = len(tokens) - start, self.params.k
         own = KeyBuffer(self.lm.hidden_size, self.lm.device)
         lm_bits = torch.zeros(n, dtype=torch.float64)
         distances = torch.full((n, k), math.inf)
         neighbour_tokens = torch.zeros((n, k), dtype=torch.long)
         limits = torch.zeros(n, dtype=torch.long)
-        for rows, bits, d, found, step_limits in self._steps(tokens, before, own, progress):
+        for rows, bits, d, found, step_limits in self._steps(sequence, before, own, progress):
             lm_bits[rows], distances[rows], neighbour_tokens[rows], limits[rows] = bits, d, found, step_limits
         keys, norms = own.take()
-        targets = torch.tensor(tokens[start:], dtype=torch.long)
+        targets = sequence[start:]
         return Neighbours(lm_bits, targets, distances, neighbour_tokens, limits > 0, limits, keys, norms, own.offset)
 
     def _steps(
-        self, tokens: Sequence[int], before: Memory | None, own: KeyBuffer, progress: Progress | None
+        self, sequence: torch.Tensor, before: Memory | None, own: KeyBuffer, progress: Progress | None
     ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """The tokens after those `before` holds, a few windows at a time: for each step, the
+        """The tokens of `sequence` (`_sequence`: `before`'s, then those after them) after those
+        `before` holds, a few windows at a time: for each step, the
         rows it covers (0: token len(before)), the LM's bits, the k nearest memory entries'
         squared distances and tokens, and how many memory rows lie before each token's window,
         all on the CPU. Their keys go into `own` (rows no later token reaches are dropped)."""
         start = len(before.values) if before is not None else 0
-        n = len(tokens) - start
+        n = len(sequence) - start
         device = self.lm.device
-        targets = torch.tensor(tokens[start:], dtype=torch.long)
-        memory_values = targets if before is None else torch.cat([before.values, targets])
-        ends = [end - 1 for _, end, _ in window_spans(len(tokens) + 1, self.lm.window) if end - 1 > start]
+        ends = [end - 1 for _, end, _ in window_spans(len(sequence) + 1, self.lm.window) if end - 1 > start]
         context, stride = self.lm.window.context_tokens, self.lm.window.stride
         filled = 0
         if progress is not None:
@@ -639,7 +719,7 @@ class MemoryCompressor:
             # Tokens [first, end) are scored by the next windows_per_step windows.
             first = start + filled
             end = ends[min(step + self.windows_per_step, len(ends)) - 1]
-            ((bits, states),) = self.lm.token_states([tokens[:end]], first=[first])
+            ((bits, states),) = self.lm.token_states([sequence[:end]], first=[first])
             states = states.to(device).to(KEY_DTYPE).float()  # the rounding the memory keeps
             starts = window_starts(torch.arange(first + 1, end + 1), context, stride)
             # Keys of tokens at positions before the window: the prefix's, then this call's own.
@@ -654,13 +734,13 @@ class MemoryCompressor:
                 states, before, (floor_before, limit_before), (keys, norms, own.offset), (floor_own, limit_own)
             )
             own.drop_below(int(floor_own[-1]))  # no later token reaches below its floor
-            found_tokens = memory_values[found.cpu().clamp_max(len(memory_values) - 1)]
+            found_tokens = sequence[found.cpu().clamp_max(len(sequence) - 1)]  # a memory row's value is its token
             yield slice(filled, end - start), bits, d.cpu(), found_tokens, (limit_before + limit_own).cpu()
             if progress is not None:
                 progress(end - start - filled, 0)
             filled = end - start
         # What follows reaches no lower than the next token's floor: a kept memory holds only that.
-        own.drop_below(int(self._floors(window_starts(torch.tensor([len(tokens) + 1]), context, stride))[0]) - start)
+        own.drop_below(int(self._floors(window_starts(torch.tensor([len(sequence) + 1]), context, stride))[0]) - start)
 
     def _floors(self, starts: torch.Tensor) -> torch.Tensor:
         """The lowest memory row each token's kNN search reaches, from its window's start: `horizon`
@@ -692,6 +772,13 @@ class MemoryCompressor:
             top = torch.cat([d0, d], 1).topk(k, dim=1, largest=False)
             d, rows = top.values, torch.cat([rows0, rows], 1).gather(1, top.indices)
         return d, rows
+
+
+def _sequence(following: Sequence[int], before: Memory | None) -> torch.Tensor:
+    """Every token of a sequence as one tensor, made once (each step passes a prefix of it to the
+    model, and a memory row's value is its token): `before`'s tokens, then `following`."""
+    tail = torch.from_numpy(np.fromiter(following, dtype=np.int64, count=len(following)))
+    return tail if before is None else torch.cat([before.values, tail])
 
 
 def _run_after(hits: torch.Tensor, run: int) -> int:

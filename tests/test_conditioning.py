@@ -145,19 +145,35 @@ def test_coding_a_step_at_a_time_gives_the_mixture_of_all_the_neighbours(lm) -> 
     y = tokens(50, 28) + tokens(120, 26)[:60]  # and one of X's records in Y
     params = compressor.params
     memory_x = compressor.memory(x)
+    assert memory_x.copy_index is not None  # Y's copy model below looks X's positions up in it
     for sequence, before in ((x, None), (x + y, memory_x)):
         found = compressor.neighbours(sequence, before)
         start = len(before.values) if before is not None else 0
         run, state = (before.run_at_end(), before.copy_state) if before is not None else (0, (-1, 0))
-        predicted, matched, _ = copy_predictions(sequence, start, found.limits.tolist(), params.order, state)
+        predicted, matched, _, _ = copy_predictions(sequence, start, found.limits.tolist(), params.order, state)
         expected, hits = mixture_bits(
             found.lm_bits, found.targets, found.distances, found.tokens, found.has_memory, run, params,
             predicted, matched,
         )  # fmt: skip
-        coded = compressor._code(sequence, before, None)
+        coded = compressor._code(sequence[start:], before, None)
         assert torch.equal(coded.bits, expected) and torch.equal(coded.hits, hits)
         assert bool((predicted >= 0).any()) and bool(hits.any())  # both parts of the mixture took part
     assert torch.equal(memory_x.bits, compressor._code(x, None, None).bits)
+
+
+def test_recent_digests_are_the_tokens_digests_computed_once_per_tuple(monkeypatch: pytest.MonkeyPatch) -> None:
+    import models.memory as memory
+
+    computed = []
+    real = memory.sequence_digest
+    monkeypatch.setattr(memory, "sequence_digest", lambda t: computed.append(t) or real(t))
+    digests = memory.RecentDigests(size=2)
+    a, b, c = (tuple(tokens(100, seed)) for seed in (1, 2, 3))
+    for t in (a, a, b, a, c, a[:50] + a[50:], list(b), b):
+        assert digests(t) == real(t)
+    # a once; b once; c once; an equal tuple that is another object, a list (mutable), and b again
+    # after c and a's copy pushed it out
+    assert [x is a or x is b or x is c for x in computed] == [True, True, True, False, False, True]
 
 
 def test_the_key_buffer_keeps_the_rows_it_has_not_dropped() -> None:
@@ -241,21 +257,22 @@ def test_the_copy_model_follows_an_earlier_occurrence_before_the_window() -> Non
     sequence = tokens(40, 21) + y + tokens(40, 22) + y
     n, second = len(sequence), 110  # the second copy of y starts at token 110
     everything = list(range(n))  # every earlier token may be followed
-    predicted, matched, _ = copy_predictions(sequence, 0, everything, 4)
+    predicted, matched, _, _ = copy_predictions(sequence, 0, everything, 4)
     # From y's fifth token on, the first copy predicts every token, and the match grows.
     assert predicted[second + 4 :].tolist() == sequence[second + 4 :]
     assert matched[second + 4 :].tolist() == [4.0 + i for i in range(n - second - 4)]
     assert (predicted[:second] == -1).all()  # no 4 tokens occur twice before it
     # Nothing may be followed that is not before the token's window.
-    none, _, _ = copy_predictions(sequence, 0, [0] * n, 4)
+    none, *_ = copy_predictions(sequence, 0, [0] * n, 4)
     assert (none == -1).all()
-    limited, _, _ = copy_predictions(sequence, 0, [min(t, 60) for t in range(n)], 4)
+    limited, *_ = copy_predictions(sequence, 0, [min(t, 60) for t in range(n)], 4)
     # y's first copy is tokens 40-69: followed while it is below 60, then dropped
     assert limited[second + 4 : second + 20].tolist() == sequence[second + 4 : second + 20]
     assert (limited[second + 20 :] == -1).all()
     # Coded in two parts, the second from the first's state: the same predictions.
-    head, head_matched, state = copy_predictions(sequence[:100], 0, everything[:100], 4)
-    tail, tail_matched, _ = copy_predictions(sequence, 100, everything[100:], 4, state)
+    head, head_matched, state, index = copy_predictions(sequence[:100], 0, everything[:100], 4)
+    tail, tail_matched, _, _ = copy_predictions(sequence, 100, everything[100:], 4, state)
+    assert torch.equal(copy_predictions(sequence, 100, everything[100:], 4, state, index)[0], tail)
     assert torch.equal(torch.cat([head, tail]), predicted)
     assert torch.equal(torch.cat([head_matched, tail_matched]), matched)
 
@@ -282,11 +299,16 @@ def test_the_copy_model_finds_the_latest_occurrence_below_each_limit() -> None:
         first = rng.randrange(0, n + 1)
         limits = [max(0, t - rng.randrange(0, 60)) for t in range(first, n)]
         chunk = rng.choice([7, 1 << 16])
+        seq, below = np.asarray(sequence), np.asarray(limits)
+        whole, hashes = memory.CopyIndex.build(seq, 0, order)  # every position indexed at once
+        head, _ = memory.CopyIndex.build(seq[:first], 0, order)  # or as a memory of X keeps them ...
+        tail, tail_hashes = memory.CopyIndex.build(seq, first, order)  # ... and a Y after X indexes its own
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(memory, "_CHUNK", chunk)
-            found = memory._latest_occurrences(np.asarray(sequence), first, np.asarray(limits), order).tolist()
+            found = memory._latest_occurrences(first, below, hashes, whole, None).tolist()
+            split = memory._latest_occurrences(first, below, tail_hashes, tail, head).tolist()
         expected = [_latest(sequence, t, limit, order) for t, limit in zip(range(first, n), limits, strict=True)]
-        assert found == expected, (trial, chunk)
+        assert found == expected and split == expected, (trial, chunk)
 
 
 def test_search_is_exact_and_respects_limits() -> None:
