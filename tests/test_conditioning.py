@@ -388,6 +388,17 @@ def test_first_skips_windows_but_not_values(lm) -> None:
     full = lm.token_bits([seq])[0]
     part = lm.token_bits([seq], first=[70])[0]
     assert torch.equal(part, full[70:])
+    # Several sequences in one call, the states too; the engine converts only the positions from
+    # the first window it runs, so a skipped part is never read (nor its ids checked).
+    seqs, firsts = [seq, tokens(40, 19), tokens(5, 20), tokens(200, 21)], [70, 0, 5, 199]
+    for (bits, states), (part_bits, part_states), f in zip(
+        lm.token_states(seqs), lm.token_states(seqs, first=firsts), firsts, strict=True
+    ):
+        assert torch.equal(part_bits, bits[f:]) and torch.equal(part_states, states[f:])
+    unreadable = [10**6] * 100 + seq  # ids no model has, 100 tokens before the window Y needs
+    assert torch.equal(lm.token_bits([unreadable], first=[200])[0], lm.token_bits([[3] * 100 + seq], first=[200])[0])
+    with pytest.raises(ValueError, match="token ids"):
+        lm.token_bits([unreadable], first=[100])
 
 
 @pytest.mark.parametrize("mode", ["context", "memory", "adapt"])
