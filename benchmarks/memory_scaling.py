@@ -66,7 +66,7 @@ def precision(lm: LMCompressor, args: argparse.Namespace) -> None:
     forward = lm.token_states
 
     def reused(sequences, first):  # the same call gives the same states: compute them once
-        key = (tuple(tuple(s) for s in sequences), tuple(first))
+        key = (tuple(tuple(torch.as_tensor(s).tolist()) for s in sequences), tuple(first))
         if key not in computed:
             computed[key] = forward(sequences, first=first)
         return computed[key]
