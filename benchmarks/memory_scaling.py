@@ -182,8 +182,7 @@ def per_y(args: argparse.Namespace) -> None:
 
 
 def overhead_one(args: argparse.Namespace) -> None:
-    lm, memory_mode, tokens = _tiny(args.n, args.seed)
-    compressor = lm if args.mode == "context" else memory_mode
+    _, compressor, tokens = _tiny(args.n, args.seed, args.mode)
     compressor.score([Segment((), tokens[:1000])])  # the first call's allocations are not the sequence's
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()

@@ -33,7 +33,6 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -234,7 +233,7 @@ class AdaptCompressor:
         # Positions low.. of the start token + tokens: all that the blocks read (a Y after a long
         # X reads the window before Y, so X's other tokens are not converted again for each Y).
         low = spans[0][0] if spans else len(tokens)
-        ids = self._ids(tokens, low)
+        ids = self.lm.with_start(tokens, low).to(self.lm.device)
         total = 0.0
         if progress is not None:
             progress(0, len(tokens) - start)
@@ -251,7 +250,7 @@ class AdaptCompressor:
         them: the state that codes what follows them (its bits: those of coding them, unchanged)."""
         params, optimizer = self._trainable(coded)
         spans = self._spans(len(tokens), 0)
-        ids = self._ids(tokens, 0)
+        ids = self.lm.with_start(tokens).to(self.lm.device)
         if progress is not None:
             progress(0, len(tokens) * self.params.replay)
         with self.lm.lock, self._active(params):
@@ -261,14 +260,6 @@ class AdaptCompressor:
                     if progress is not None:
                         progress(b - first, 0)
         return self._snapshot(params, optimizer, coded.bits)
-
-    def _ids(self, tokens: Sequence[int], low: int) -> torch.Tensor:
-        """Positions low.. of the start token + tokens, on the model's device."""
-        tail = tokens[max(low - 1, 0) :]
-        ids = torch.from_numpy(np.fromiter(tail, dtype=np.int64, count=len(tail)))
-        if low == 0:
-            ids = torch.cat([torch.tensor([self.lm.start_token_id]), ids])
-        return ids.to(self.lm.device)
 
     def _spans(self, n: int, start: int) -> list[tuple[int, int, int]]:
         """The blocks that code tokens[start:] of n tokens: (window start, end, first position

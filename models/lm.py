@@ -497,19 +497,25 @@ class LMCompressor:
 
     def with_start(self, seq: Sequence[int] | torch.Tensor, low: int = 0) -> torch.Tensor:
         """Positions low.. of [start token] + seq as a tensor (all of them by default), after
-        checking their ids. A long tensor is taken as it is (a caller that passes growing
-        prefixes of one long sequence converts it once); a list goes through numpy, ~10× faster
-        than torch.tensor (200 ms for a million tokens)."""
-        part = seq[max(low - 1, 0) :]
-        if isinstance(part, torch.Tensor):
-            ids = part.to(torch.long)
-        else:
-            try:
-                ids = torch.from_numpy(np.fromiter(part, dtype=np.int64, count=len(part)))
-            except (OverflowError, TypeError) as e:
-                raise ValueError(f"{self.info.id}: token ids must be in [0, {self.head.vocab})") from e
+        checking their ids (`token_ids`: a caller that passes growing prefixes of one long
+        sequence converts it to a tensor once)."""
+        try:
+            ids = token_ids(seq[max(low - 1, 0) :])
+        except ValueError as e:
+            raise ValueError(f"{self.info.id}: token ids must be in [0, {self.head.vocab})") from e
         self.check_ids(ids)
         return ids if low > 0 else torch.cat([torch.tensor([self.start_token_id], dtype=torch.long), ids])
+
+
+def token_ids(seq: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """Token ids as a CPU int64 tensor: a tensor as it is, a list or tuple through numpy (~10×
+    faster than torch.tensor: 200 ms for a million tokens). ValueError if one is not an int64."""
+    if isinstance(seq, torch.Tensor):
+        return seq.to(torch.long)
+    try:
+        return torch.from_numpy(np.fromiter(seq, dtype=np.int64, count=len(seq)))
+    except (OverflowError, TypeError) as e:
+        raise ValueError("token ids must be 64-bit integers") from e
 
 
 def load_lm_compressor(

@@ -67,7 +67,7 @@ import torch
 
 from models.batching import window_spans
 from models.invariant import tiled_matmul
-from models.lm import LMCompressor
+from models.lm import LMCompressor, token_ids
 from models.protocol import Progress, Segment, SegmentBits, Symbols
 
 KEY_BLOCK = 4096  # keys per distance block: fixed, so a distance never depends on the memory's size
@@ -703,10 +703,10 @@ class MemoryCompressor:
         self, sequence: torch.Tensor, before: Memory | None, own: KeyBuffer, progress: Progress | None
     ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The tokens of `sequence` (`_sequence`: `before`'s, then those after them) after those
-        `before` holds, a few windows at a time: for each step, the
-        rows it covers (0: token len(before)), the LM's bits, the k nearest memory entries'
-        squared distances and tokens, and how many memory rows lie before each token's window,
-        all on the CPU. Their keys go into `own` (rows no later token reaches are dropped)."""
+        `before` holds, a few windows at a time: for each step, the rows it covers (0: token
+        len(before)), the LM's bits, the k nearest memory entries' squared distances and tokens,
+        and how many memory rows lie before each token's window, all on the CPU. Their keys go
+        into `own` (rows no later token reaches are dropped)."""
         start = len(before.values) if before is not None else 0
         n = len(sequence) - start
         device = self.lm.device
@@ -777,7 +777,7 @@ class MemoryCompressor:
 def _sequence(following: Sequence[int], before: Memory | None) -> torch.Tensor:
     """Every token of a sequence as one tensor, made once (each step passes a prefix of it to the
     model, and a memory row's value is its token): `before`'s tokens, then `following`."""
-    tail = torch.from_numpy(np.fromiter(following, dtype=np.int64, count=len(following)))
+    tail = token_ids(following)
     return tail if before is None else torch.cat([before.values, tail])
 
 
