@@ -616,7 +616,7 @@ class MemoryCompressor:
         out: list[SegmentBits | None] = [None] * len(segments)
         context = self.lm.window.context_tokens
         short = [i for i, s in enumerate(segments) if 1 + len(s.prefix) + len(s.target) <= context]
-        for i, bits in zip(short, self.lm.score([segments[i] for i in short]), strict=True):
+        for i, bits in zip(short, self.lm.score([segments[i] for i in short], progress=progress), strict=True):
             out[i] = bits
         # Segments that need the same memory (X alone, X before a Y) are coded one after another,
         # and the last memory built is held for them even when it is over the cache's bound (it

@@ -416,6 +416,16 @@ def test_long_work_reports_progress_in_tokens(lm, mode: str) -> None:
     assert len([d for d, _ in seen if d]) >= 2
 
 
+
+@pytest.mark.parametrize("mode", ["context", "memory", "adapt"])
+def test_short_pairs_report_their_tokens_too(lm, mode: str) -> None:
+    """A pair that fits one window (coded as in `context` mode) is counted in the progress in
+    tokens like a long one: planned, then done."""
+    seen: list[tuple[int, int]] = []
+    segments = [Segment(tokens(10, 3), tokens(12, 4)), Segment((), tokens(12, 4))]
+    conditioned(lm, mode, 0, 0).score(segments, progress=lambda done, planned: seen.append((done, planned)))
+    assert sum(d for d, _ in seen) == sum(p for _, p in seen) >= 12
+
 def test_adapt_replay_changes_only_what_follows_x(lm) -> None:
     """`replay` more passes over X train the model further before Y is coded: C(X) and C(Y) alone
     keep their bits (and C(X) alone runs no replay pass), C(Y|X) changes, and the same bits come
