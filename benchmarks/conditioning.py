@@ -6,7 +6,7 @@ with zstd and gzip in the same run (docs/BENCHMARKS.md, "Conditioning on a datas
     python benchmarks/conditioning.py similarity                       # 4 x 4 AG News classes
     python benchmarks/conditioning.py prequential --bytes 1000000      # bits/byte of a stream
     python benchmarks/conditioning.py speed --x-bytes 200000           # tokens/s and memory per mode
-    python benchmarks/conditioning.py similarity --data R8 --modes adapt --adapt replay=2   # a variant
+    python benchmarks/conditioning.py similarity --data ../shared/data/r8/r8_train.txt --modes adapt --adapt replay=2
 
 Data: AG News (`../shared/data/ag_news/test.csv`, or --data); the parameters of `memory` were fitted
 on R8 (benchmarks/conditioning_fit.py), not on this. Every number is computed through the

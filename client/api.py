@@ -86,7 +86,7 @@ class PairResult(Scores):
 class Progress(TypedDict):
     done: int  # pairs
     total: int
-    tokens_done: int  # tokens coded for the job so far (bytes for a classical model)
+    tokens_done: int  # tokens coded by the batches that ran the job's work (bytes for a classical model)
     tokens_total: int  # tokens of the work started so far (grows as batches start)
 
 

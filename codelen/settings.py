@@ -33,7 +33,8 @@ class Settings(BaseSettings):
     # Bytes of token memories kept per model: fp16 keys of the tokens within the horizon of what
     # follows (for SmolLM2 at most 262,144 + 6,144 tokens x 1.2 KB, ~310 MB) and <= 33 B a token
     # (tokens, bits, the copy model's index), so 1 GiB holds two memories of 4 MiB datasets or many
-    # smaller ones; one over the bound is built once per call, not kept. On the model's device.
+    # smaller ones; one over the bound is built once per call, not kept. Keys on the model's device,
+    # the rest in RAM (counted together).
     memory_cache_bytes: int = 1 << 30
     adapt_cache_bytes: int = 256 << 20  # trained adapter states (a few MB each) kept per model
 

@@ -4,7 +4,8 @@ coder that learns from what it has coded.
 C(X) is the sum over X's blocks of each block's code length under the model trained on the blocks
 before it — the area under the online training curve. A block is the scored part of one sliding
 window (`WindowPolicy`: the first window's 2,047 tokens, then `stride` tokens each), so a block is
-coded with the window's usual context and then trained on, in one forward pass. C(Y|X) codes Y's
+coded with the window's usual context and then trained on: `steps` optimizer steps, the first
+step's forward pass also coding the block. C(Y|X) codes Y's
 blocks the same way, starting from the model trained on all of X (X's last, partial block
 included: the blocks are cut at the X|Y boundary), then `replay` more training passes over X's
 blocks (a decoder has X by then and can repeat them), and training on through Y, so
@@ -12,8 +13,8 @@ C(X·Y) = C(X) + C(Y|X) exactly and C(Y) alone is Y's own prequential code.
 
 What trains: low-rank adapters (LoRA: W x + B A x, B = 0 at the start, A drawn from a seeded
 generator) on the attention and MLP projections of the last `layers` blocks, with Adam. The layers
-below stay frozen and need no backward pass, so a block costs one forward of the whole window plus
-a backward through the adapted blocks and the head. The weights of the model are never changed:
+below stay frozen and need no backward pass, so a block costs `steps` forwards of the whole window
+and `steps` backwards through the adapted blocks and the head. The weights of the model are never changed:
 the adapters live beside it and act only while this mode runs (under the engine's lock).
 
 Determinism: every block is computed alone, in order, from seeded initial adapters, so the same

@@ -1,11 +1,12 @@
 """Cached /v1/score answered before routing: the hot path of a cache in front of a GPU fleet.
 
 The Gatekeeper has already read and parsed the body (for its limits); when it is a well-formed
-score request whose four code lengths are all cached, the answer is built here, skipping FastAPI's
-routing, validation and response machinery (about half the CPU time of a cached answer). Anything
-else (a miss, a malformed or unusual body, an unknown model, any error) returns None and the
-request takes the normal route, which gives the same answer or the proper problem+json. The
-document is the same bytes the route would send (`score_document` rendered by JSONResponse).
+score request whose code lengths (four, three for `direction: y_given_x`) are all cached, the
+answer is built here, skipping FastAPI's routing, validation and response machinery (about half
+the CPU time of a cached answer). Anything else (a miss, a malformed or unusual body, an unknown
+model, any error) returns None and the request takes the normal route, which gives the same
+answer or the proper problem+json. The document is the same bytes the route would send
+(`score_document` rendered by JSONResponse).
 """
 
 from __future__ import annotations

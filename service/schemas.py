@@ -17,7 +17,8 @@ Mode = Annotated[
     Field(
         description=(
             "How X conditions Y: 'context' (the model's window; default), 'memory' (a nearest-neighbour "
-            "memory of every earlier token) or 'adapt' (the model trained on X as it codes it). "
+            "memory of the tokens within a horizon before the window, and a copy model over every earlier "
+            "token) or 'adapt' (the model trained on X as it codes it). "
             "/v1/models lists what each model offers, with the parameters"
         )
     ),
@@ -109,7 +110,11 @@ class ScoreResponse(BaseModel):
 class Progress(BaseModel):
     done: int = Field(description="pairs finished")
     total: int = Field(description="pairs in the job")
-    tokens_done: int = Field(0, description="tokens (bytes for a classical model) coded for this job so far")
+    tokens_done: int = Field(
+        0,
+        description="tokens (bytes for a classical model) coded so far by the batches that ran this job's "
+        "work (a batch shared with other jobs counts for each)",
+    )
     tokens_total: int = Field(
         0, description="tokens of the work started so far for this job (grows as batches start)"
     )

@@ -4,7 +4,8 @@ Two kinds of task, each answering one cache key:
 - LEN(X): C(X), always computed as the segment ((), X), so C(X) never depends on which Y it
   was requested with, nor on which worker or mode ran it;
 - COND(X, Y): C(Y|X), the target part of the segment (X, Y).
-A pair (X, Y) needs LEN X, LEN Y, COND X→Y and COND Y→X.
+A pair (X, Y) needs LEN X, LEN Y, COND X→Y and COND Y→X (three without COND Y→X when it asks for
+`direction: y_given_x`).
 A classifier job's tasks are of a third kind, `ClassifyTask` (run by workers/classifying.py).
 """
 
