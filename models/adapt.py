@@ -171,6 +171,8 @@ class AdaptCompressor:
         self.digest = RecentDigests()  # X's digest once for a matrix row's Ys
         self.info = lm.info.with_mode("adapt")
         self._layers = attach(lm.body, params.layers)
+        self._blocks = list(lm.body.layers)[-params.layers :]  # type: ignore[attr-defined]
+        self._reuse: bool | None = None  # see _reuse_ok
 
     def encode(self, text: str) -> Symbols:
         return self.lm.encode(text)
@@ -300,11 +302,15 @@ class AdaptCompressor:
         then, if `train`, take the optimizer steps on them. Returns their bits."""
         targets = ids[first:b]
         bits = 0.0
-        for step in range(self.params.steps if train else 1):
+        steps = self.params.steps if train else 1
+        below: tuple[torch.Tensor, dict] | None = None  # what enters the first adapted block, from step 0
+        for step in range(steps):
             with torch.set_grad_enabled(train):
-                hidden = self.lm.body(
-                    input_ids=ids[a:b][None], position_ids=torch.arange(b - a, device=ids.device)[None], use_cache=False
-                ).last_hidden_state[0, first - 1 - a : b - 1 - a]
+                if below is None:
+                    hidden, below = self._forward(ids[a:b], keep_below=steps > 1 and self._reuse_ok())
+                else:
+                    hidden = self._adapted_part(*below)
+                hidden = hidden[first - 1 - a : b - 1 - a]
             if step == 0 and code:
                 bits = float(self.lm.head_bits(hidden.detach(), targets).to("cpu", torch.float64).sum())
             if not train:
@@ -313,6 +319,51 @@ class AdaptCompressor:
             self._backward_head(hidden, targets)
             optimizer.step()
         return bits
+
+    def _forward(self, ids: torch.Tensor, keep_below: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, dict] | None]:
+        """The body's final hidden states (n, hidden) of one window, and (if `keep_below`) what
+        entered the first adapted block: its hidden states and keyword arguments (mask, rotary
+        embeddings). The frozen blocks below it give the same output at every optimizer step of a
+        block, so the later steps run the adapted blocks only (`_adapted_part`)."""
+        kept: list[tuple[torch.Tensor, dict]] = []
+        hook = None
+        if keep_below:
+            hook = self._blocks[0].register_forward_pre_hook(
+                lambda _module, args, kwargs: kept.append((args[0], kwargs)), with_kwargs=True
+            )
+        try:
+            out = self.lm.body(
+                input_ids=ids[None], position_ids=torch.arange(len(ids), device=ids.device)[None], use_cache=False
+            ).last_hidden_state[0]
+        finally:
+            if hook is not None:
+                hook.remove()
+        return out, (kept[0] if kept else None)
+
+    def _adapted_part(self, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """The body from its first adapted block on, given what entered that block: the blocks,
+        then the final norm (the tail of the model's forward)."""
+        for block in self._blocks:
+            hidden = block(hidden, **kwargs)
+        return self.lm.body.norm(hidden)[0]  # type: ignore[attr-defined]
+
+    def _reuse_ok(self) -> bool:
+        """Whether `_adapted_part` reproduces the body's forward bit for bit (checked once, on a
+        short probe with adapters set): if a model's forward does more after its blocks than the
+        final norm, every step runs the whole body instead."""
+        if self._reuse is None:
+            probe = torch.arange(3, 3 + 16, device=self.lm.device) % len(self.lm.head_weight)
+            params, _ = self.fresh()
+            params = [p if i % 2 == 0 else torch.full_like(p, 0.01) for i, p in enumerate(params)]  # B ≠ 0
+            active = [layer.weights for layer in self._layers]  # the caller's adapters, put back after
+            try:
+                with torch.no_grad(), _Adapters(self._layers, params):
+                    full, below = self._forward(probe, keep_below=True)
+                    self._reuse = below is not None and torch.equal(full, self._adapted_part(*below))
+            finally:
+                for layer, weights in zip(self._layers, active, strict=True):
+                    layer.weights = weights
+        return self._reuse
 
     def _backward_head(self, hidden: torch.Tensor, targets: torch.Tensor) -> None:
         """Backward of the mean cross-entropy of the block, a chunk of positions at a time (the

@@ -13,7 +13,7 @@ import torch
 
 from models.adapt import AdaptCompressor
 from models.conditioning import conditioned
-from models.memory import MemoryCompressor, MemoryParams, copy_predictions, mixture_bits, search
+from models.memory import MemoryCompressor, MemoryParams, copy_predictions, mixture_bits, search, sequence_digest
 from models.protocol import Segment, UnsupportedMode
 from models.tiny import tiny_compressor
 
@@ -416,7 +416,6 @@ def test_long_work_reports_progress_in_tokens(lm, mode: str) -> None:
     assert len([d for d, _ in seen if d]) >= 2
 
 
-
 @pytest.mark.parametrize("mode", ["context", "memory", "adapt"])
 def test_short_pairs_report_their_tokens_too(lm, mode: str) -> None:
     """A pair that fits one window (coded as in `context` mode) is counted in the progress in
@@ -425,6 +424,7 @@ def test_short_pairs_report_their_tokens_too(lm, mode: str) -> None:
     segments = [Segment(tokens(10, 3), tokens(12, 4)), Segment((), tokens(12, 4))]
     conditioned(lm, mode, 0, 0).score(segments, progress=lambda done, planned: seen.append((done, planned)))
     assert sum(d for d, _ in seen) == sum(p for _, p in seen) >= 12
+
 
 def test_adapt_replay_changes_only_what_follows_x(lm) -> None:
     """`replay` more passes over X train the model further before Y is coded: C(X) and C(Y) alone
@@ -444,3 +444,32 @@ def test_adapt_replay_changes_only_what_follows_x(lm) -> None:
     joint_first = AdaptCompressor(lm, params, 0).score([Segment(x, y), Segment((), y)])  # nothing cached
     assert joint_first[0] == joint
     assert joint_first[1] == plain.score([Segment((), y)])[0]
+
+
+def test_adapt_runs_only_the_adapted_blocks_after_a_blocks_first_step(lm) -> None:
+    """With several optimizer steps a block, the steps after the first run the adapted blocks
+    only, on what entered them at the first step (the frozen blocks below give the same output):
+    the same bits and trained state as running the whole body at every step, replay included."""
+    params = dataclasses.replace(conditioned(lm, "adapt", 0, 0).params, steps=3, replay=1)
+    x, y = tokens(150, 30), tokens(60, 31)
+    short_cut, whole = AdaptCompressor(lm, params, 1 << 26), AdaptCompressor(lm, params, 1 << 26)
+    whole._reuse = False
+    passes, results = {}, {}
+    for name, compressor in (("short_cut", short_cut), ("whole", whole)):
+        passes[name] = 0
+
+        def count(*_: object, name: str = name) -> None:
+            passes[name] += 1
+
+        hook = lm.body.embed_tokens.register_forward_hook(count)
+        try:
+            results[name] = compressor.score([Segment(x, y), Segment((), y), Segment((), x)])
+        finally:
+            hook.remove()
+    assert short_cut._reuse_ok()  # the probe found the short cut exact
+    assert results["short_cut"] == results["whole"]
+    digest = sequence_digest(x)
+    kept = (c.cache.get(f"{digest}:replayed").params for c in (short_cut, whole))
+    for a, b in zip(*kept, strict=True):
+        assert torch.equal(a, b)
+    assert passes["short_cut"] < passes["whole"]  # fewer passes through the embedding and frozen blocks
