@@ -25,10 +25,19 @@ at several sizes of X; tiny random model, horizon 4,096, so the model and the se
 same at every size: what grows
 with X is work the code does over all of X again for each Y.
 
+`search-bounds`: can the exact kNN search get cheaper? With real states (`--tokens` tokens of the
+data, the last 4,096 as queries, the keys before their window), the squared distance projected on
+the top r principal directions of the keys (orthonormal: a lower bound of the true one): the share
+of keys an exact search would still have to measure (bound below the query's k-th nearest), the
+share of (query, 4,096-key block) pairs it could skip, and, as an approximate search, how often the
+top K' by projected distance, re-ranked exactly, hold the exact k nearest. Other projections for
+reference: the coordinates of most variance, the embedding's top singular directions.
+
     python benchmarks/memory_scaling.py precision [--data ../shared/data/sms_spam/sms_spam.tsv] [--x-bytes 40000]
     python benchmarks/memory_scaling.py horizon --threads 2 [--horizons 65536,131072,262144,524288]
     python benchmarks/memory_scaling.py overhead [--tokens 200000,1000000]
     python benchmarks/memory_scaling.py per-y [--tokens 100000,1000000] [--mode context|adapt]
+    python benchmarks/memory_scaling.py search-bounds --tokens 40000 --threads 2
 """
 
 from __future__ import annotations
@@ -191,9 +200,46 @@ def overhead_one(args: argparse.Namespace) -> None:
     print(json.dumps({"peak_mb": (peak - before) / 1024, "seconds": time.perf_counter() - started}))
 
 
+def search_bounds(lm: LMCompressor, args: argparse.Namespace) -> None:
+    n, m, k = int(args.tokens.split(",")[0]), 4096, MEMORY[args.model].k
+    tokens = list(lm.encode(RECORD_SEPARATOR.join(text_stream(args, 6 * n))))[:n]
+    started = time.perf_counter()
+    ((_, states),) = lm.token_states([tokens], first=[0])
+    conditions(args, f" · {len(tokens)} tokens' states ({time.perf_counter() - started:.0f} s), k {k}")
+    states = states.to(memory.KEY_DTYPE).float()
+    queries, keys = states[-m:], states[: len(states) - m - lm.window.context_tokens]
+    keys = keys[: len(keys) // memory.KEY_BLOCK * memory.KEY_BLOCK]
+    exact = torch.cdist(queries, keys).square()
+    kth = exact.topk(k, 1, largest=False).values
+    print(
+        f"{m} queries, {len(keys)} keys: squared distance to the k-th nearest, median {kth[:, -1].median():.0f}; "
+        f"to any key, median {exact.median():.0f}"
+    )
+    sample = keys[:8192] - keys[:8192].mean(0)
+    principal = torch.linalg.eigh((sample.T @ sample).double()).eigenvectors.flip(1).float()
+    head = lm.model.get_input_embeddings().weight.detach().float()
+    singular = torch.linalg.eigh((head.T @ head).double()).eigenvectors.flip(1).float()
+    variance = torch.eye(keys.shape[1])[:, keys[:8192].var(0).argsort(descending=True)]
+    blocks = len(keys) // memory.KEY_BLOCK
+    for name, basis in (("principal", principal), ("variance", variance), ("embedding", singular)):
+        for r in (32, 64, 128):
+            bound = torch.cdist(queries @ basis[:, :r], keys @ basis[:, :r]).square()
+            below = bound < kth[:, -1:]
+            pairs = below.view(m, blocks, -1).any(2).float().mean()
+            found = []
+            for top in (64, 256):
+                picked = exact.gather(1, bound.topk(top, 1, largest=False).indices)
+                found.append((picked.topk(k, 1, largest=False).values[:, -1] <= kth[:, -1]).float().mean())
+            print(
+                f"{name:9s} r {r:3d}: keys to measure {below.float().mean():6.1%}, blocks to measure "
+                f"{pairs:6.1%}; exact k nearest among top 64 / 256 {found[0]:6.1%} / {found[1]:6.1%}",
+                flush=True,
+            )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("precision", "horizon", "overhead", "overhead-one", "per-y"))
+    ap.add_argument("what", choices=("precision", "horizon", "overhead", "overhead-one", "per-y", "search-bounds"))
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--seed", type=int, default=0)
@@ -210,7 +256,7 @@ def main() -> int:
         {"overhead": overhead, "overhead-one": overhead_one, "per-y": per_y}[args.what](args)
         return 0
     lm = Registry(Settings(models=args.model)).get(args.model)
-    {"precision": precision, "horizon": horizon}[args.what](lm, args)
+    {"precision": precision, "horizon": horizon, "search-bounds": search_bounds}[args.what](lm, args)
     return 0
 
 
