@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from models.batching import window_spans
-from models.lm import LMCompressor
+from models.lm import Joined, LMCompressor
 from models.memory import RecentDigests
 from models.protocol import Progress, Segment, SegmentBits, Symbols
 
@@ -189,7 +189,7 @@ class AdaptCompressor:
                 out.append(SegmentBits(prefix_bits=0.0, target_bits=coded.bits))
                 continue
             before = self.state_after(s.prefix, progress)
-            bits, _ = self._code([*s.prefix, *s.target], len(s.prefix), before, progress, train_last=False)
+            bits, _ = self._code(Joined(s.prefix, s.target), len(s.prefix), before, progress, train_last=False)
             out.append(SegmentBits(prefix_bits=before.bits, target_bits=bits))
         return out
 
@@ -222,7 +222,7 @@ class AdaptCompressor:
 
     def _code(
         self,
-        tokens: list[int],
+        tokens: Sequence[int],
         start: int,
         before: AdaptState | None,
         progress: Progress | None,

@@ -278,7 +278,7 @@ class LMCompressor:
                 reused = sum(len(segments[i].target) for i, bits in enumerate(out) if bits is not None)
                 progress(reused, reused)
             first = None if need_prefix else [len(segments[i].prefix) for i in plain]
-            sequences = [[*segments[i].prefix, *segments[i].target] for i in plain]
+            sequences = [Joined(segments[i].prefix, segments[i].target) for i in plain]
             per_token = self._token_bits(sequences, first=first, progress=progress)
         for i, bits in zip(plain, per_token, strict=True):
             n = len(segments[i].prefix)
@@ -505,6 +505,36 @@ class LMCompressor:
             raise ValueError(f"{self.info.id}: token ids must be in [0, {self.head.vocab})") from e
         self.check_ids(ids)
         return ids if low > 0 else torch.cat([torch.tensor([self.start_token_id], dtype=torch.long), ids])
+
+
+class Joined(Sequence[int]):
+    """prefix + target as one sequence without copying either: its length, items and slices (a
+    slice is a new list of just those tokens). A Y after a long X is read from the window before
+    Y on (`with_start(seq, low)`), so building the whole joined list (~7 ms a million tokens) for
+    every Y would be most of what a Y costs beyond its own windows."""
+
+    def __init__(self, prefix: Sequence[int], target: Sequence[int]) -> None:
+        self.prefix, self.target = prefix, target
+
+    def __len__(self) -> int:
+        return len(self.prefix) + len(self.target)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        n = len(self.prefix)
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                return list(self)[index]
+            return [*self.prefix[min(start, n) : min(stop, n)], *self.target[max(start - n, 0) : max(stop - n, 0)]]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.prefix[index] if index < n else self.target[index - n]
+
+    def __iter__(self):  # type: ignore[override]
+        yield from self.prefix
+        yield from self.target
 
 
 def token_ids(seq: Sequence[int] | torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from models.lm import LMCompressor, window_spans
+from models.lm import Joined, LMCompressor, window_spans
 from models.protocol import Compressor, Segment, TokenizationError, WindowPolicy
 from models.tiny import ByteTokenizer, tiny_compressor, tiny_model
 
@@ -193,3 +193,21 @@ def test_stale_conversion_work_dirs_are_removed(tmp_path) -> None:
     assert not dirs["dead"].exists() and not old.exists()
     assert dirs["alive"].is_dir() and dirs["elsewhere"].is_dir() and dirs["unowned"].is_dir()
     assert (tmp_path / "smollm2-135m").is_dir()
+
+
+def test_joined_tokens_read_as_the_concatenation() -> None:
+    """`Joined(prefix, target)` (how the engine reads X·Y without copying X for each Y) has the
+    length, items, slices and iteration of prefix + target, whatever the slice's bounds."""
+    prefix, target = (5, 6, 7, 8), [9, 10, 11]
+    joined, whole = Joined(prefix, target), [*prefix, *target]
+    assert len(joined) == len(whole) and list(joined) == whole
+    for i in range(-len(whole), len(whole)):
+        assert joined[i] == whole[i]
+    for index in (len(whole), -len(whole) - 1):
+        with pytest.raises(IndexError):
+            joined[index]
+    bounds = [None, *range(-9, 10)]
+    for start in bounds:
+        for stop in bounds:
+            for step in (None, 1, 2, -1):
+                assert joined[start:stop:step] == whole[start:stop:step], (start, stop, step)
