@@ -125,11 +125,18 @@ def containment(registry: Registry, args: argparse.Namespace) -> dict:
 
 
 def class_datasets(args: argparse.Namespace) -> tuple[list[str], dict[str, str], dict[str, str]]:
-    """The first 4 classes of the data, and per class X (n_x texts) and Y (the next n_y texts) of
-    a seeded shuffle, each joined as one dataset."""
+    """The first 4 classes of the data (or `--classes`: names, or `largest`: the 4 with the most
+    texts), and per class X (n_x texts) and Y (the next n_y texts) of a seeded shuffle, each
+    joined as one dataset."""
     by_label = texts_by_label(Path(args.data))
     rng = random.Random(args.seed)
-    classes = sorted(by_label)[:4]
+    if args.classes == "largest":
+        classes = sorted(sorted(by_label, key=lambda c: -len(by_label[c]))[:4])
+    else:
+        classes = args.classes.split(",") if args.classes else sorted(by_label)[:4]
+    short = [c for c in classes if len(by_label.get(c, ())) < args.n_x + args.n_y]
+    if short:
+        raise SystemExit(f"classes with fewer than {args.n_x + args.n_y} texts (or none): {short}")
     xs, ys = {}, {}
     for c in classes:
         ts = list(by_label[c])
@@ -243,6 +250,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--x-bytes", type=int, default=40_000)
     ap.add_argument("--bytes", type=int, default=1_000_000)
+    ap.add_argument("--classes", default="", help="similarity: class names (a,b,c,d) or 'largest' (default: first 4)")
     ap.add_argument("--n-x", type=int, default=200)
     ap.add_argument("--n-y", type=int, default=20)
     ap.add_argument("--json", help="write the numbers here")

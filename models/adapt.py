@@ -13,9 +13,11 @@ C(X·Y) = C(X) + C(Y|X) exactly and C(Y) alone is Y's own prequential code.
 
 What trains: low-rank adapters (LoRA: W x + B A x, B = 0 at the start, A drawn from a seeded
 generator) on the attention and MLP projections of the last `layers` blocks, with Adam. The layers
-below stay frozen and need no backward pass, so a block costs `steps` forwards of the whole window
-and `steps` backwards through the adapted blocks and the head. The weights of the model are never changed:
-the adapters live beside it and act only while this mode runs (under the engine's lock).
+below stay frozen and need no backward pass, and give the same output at every step: a block costs
+one forward of the whole window, `steps` - 1 forwards of the adapted blocks alone (from what entered
+them at the first step, where a probe shows that this reproduces the whole forward bit for bit),
+and `steps` backwards through the adapted blocks and the head. The weights of the model are never
+changed: the adapters live beside it and act only while this mode runs (under the engine's lock).
 
 Determinism: every block is computed alone, in order, from seeded initial adapters, so the same
 dataset gives the same bits on the same machine, torch build and number of torch threads (the
@@ -28,6 +30,7 @@ MB) is kept in a byte-bounded LRU, so a matrix row or many Ys train on X once.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import threading
 from collections import OrderedDict
@@ -42,6 +45,7 @@ from models.lm import Joined, LMCompressor
 from models.memory import RecentDigests
 from models.protocol import Progress, Segment, SegmentBits, Symbols
 
+log = logging.getLogger(__name__)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _LN2 = math.log(2.0)
 HEAD_CHUNK = 512  # positions per chunk of the training loss: bounds the logits held at once
@@ -320,16 +324,16 @@ class AdaptCompressor:
             optimizer.step()
         return bits
 
-    def _forward(self, ids: torch.Tensor, keep_below: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, dict] | None]:
+    def _forward(self, ids: torch.Tensor, keep_below: bool) -> tuple[torch.Tensor, tuple[tuple, dict] | None]:
         """The body's final hidden states (n, hidden) of one window, and (if `keep_below`) what
-        entered the first adapted block: its hidden states and keyword arguments (mask, rotary
+        entered the first adapted block: its arguments (the hidden states, the mask, the rotary
         embeddings). The frozen blocks below it give the same output at every optimizer step of a
         block, so the later steps run the adapted blocks only (`_adapted_part`)."""
-        kept: list[tuple[torch.Tensor, dict]] = []
+        kept: list[tuple[tuple, dict]] = []
         hook = None
         if keep_below:
             hook = self._blocks[0].register_forward_pre_hook(
-                lambda _module, args, kwargs: kept.append((args[0], kwargs)), with_kwargs=True
+                lambda _module, args, kwargs: kept.append((args, kwargs)), with_kwargs=True
             )
         try:
             out = self.lm.body(
@@ -340,11 +344,13 @@ class AdaptCompressor:
                 hook.remove()
         return out, (kept[0] if kept else None)
 
-    def _adapted_part(self, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        """The body from its first adapted block on, given what entered that block: the blocks,
-        then the final norm (the tail of the model's forward)."""
+    def _adapted_part(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The body from its first adapted block on, given the arguments that entered that block:
+        the blocks, then the final norm (the tail of the model's forward)."""
+        hidden = args[0] if args else kwargs["hidden_states"]
         for block in self._blocks:
-            hidden = block(hidden, **kwargs)
+            out = block(hidden, *args[1:], **kwargs) if args else block(**{**kwargs, "hidden_states": hidden})
+            hidden = out[0] if isinstance(out, tuple) else out
         return self.lm.body.norm(hidden)[0]  # type: ignore[attr-defined]
 
     def _reuse_ok(self) -> bool:
@@ -360,6 +366,9 @@ class AdaptCompressor:
                 with torch.no_grad(), _Adapters(self._layers, params):
                     full, below = self._forward(probe, keep_below=True)
                     self._reuse = below is not None and torch.equal(full, self._adapted_part(*below))
+            except Exception as exc:  # a model whose blocks are called otherwise: no short cut
+                log.info("adapt: every step runs the whole body (%s: %s)", type(exc).__name__, exc)
+                self._reuse = False
             finally:
                 for layer, weights in zip(self._layers, active, strict=True):
                     layer.weights = weights

@@ -473,3 +473,19 @@ def test_adapt_runs_only_the_adapted_blocks_after_a_blocks_first_step(lm) -> Non
     for a, b in zip(*kept, strict=True):
         assert torch.equal(a, b)
     assert passes["short_cut"] < passes["whole"]  # fewer passes through the embedding and frozen blocks
+
+
+def test_adapt_without_the_short_cut_when_the_probe_fails(lm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model whose blocks cannot be run on their own (the probe raises) codes with the whole
+    body at every step: the same bits, and the caller's adapters are still in place."""
+    params = dataclasses.replace(conditioned(lm, "adapt", 0, 0).params, steps=2)
+    x, y = tokens(120, 40), tokens(40, 41)
+    expected = AdaptCompressor(lm, params, 0).score([Segment(x, y)])
+
+    def broken(*_: object) -> torch.Tensor:
+        raise TypeError("blocks called otherwise")
+
+    compressor = AdaptCompressor(lm, params, 0)
+    monkeypatch.setattr(compressor, "_adapted_part", broken)
+    assert compressor.score([Segment(x, y)]) == expected
+    assert compressor._reuse is False
