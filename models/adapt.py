@@ -206,12 +206,12 @@ class AdaptCompressor:
         if replayed and self.params.replay:
             state = self.cache.get(f"{digest}:replayed")
             if state is None:
-                state = self._replay(list(tokens), self.state_after(tokens, progress, replayed=False), progress)
+                state = self._replay(tokens, self.state_after(tokens, progress, replayed=False), progress)
                 self.cache.put(f"{digest}:replayed", state)
             return state
         state = self.cache.get(digest)
         if state is None:
-            bits, state = self._code(list(tokens), 0, None, progress, train_last=True)
+            bits, state = self._code(tokens, 0, None, progress, train_last=True)
             self.cache.put(digest, state)
         return state
 
@@ -252,7 +252,7 @@ class AdaptCompressor:
                     progress(b - first, 0)
         return total, self._snapshot(params, optimizer, total + (before.bits if before is not None else 0.0))
 
-    def _replay(self, tokens: list[int], coded: AdaptState, progress: Progress | None) -> AdaptState:
+    def _replay(self, tokens: Sequence[int], coded: AdaptState, progress: Progress | None) -> AdaptState:
         """`replay` more training passes over the blocks of `tokens`, from the state after coding
         them: the state that codes what follows them (its bits: those of coding them, unchanged)."""
         params, optimizer = self._trainable(coded)
