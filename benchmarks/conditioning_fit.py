@@ -17,6 +17,13 @@ lowest wins. Adam, 800 steps, from (3, -1, 0.5, T = 5, α = 0, β = 1). Prints t
 --cases), so refitting is seconds.
 
     python benchmarks/conditioning_fit.py --cases /tmp/r8-cases.pt   # 22 min on one CPU thread, then ~1 min an order
+
+`--mode adapt` fits the copy model of `adapt` mode (models/adapt.py) on the same cases: the
+adapted LM's bits of each case (the shipped `adapt` parameters without a copy model) are computed
+once, and (α, β) minimise the mean over cases of log(C_with copy / C_without) — the same rule, as
+the LM part does not depend on them — for each order; the lowest wins.
+
+    python benchmarks/conditioning_fit.py --mode adapt --threads 2 --cases /tmp/r8-adapt-cases.pt
 """
 
 from __future__ import annotations
@@ -37,8 +44,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from classify.data import load_examples  # noqa: E402
 from codelen.datasets import RECORD_SEPARATOR  # noqa: E402
-from models.lm import load_lm_compressor  # noqa: E402
-from models.memory import Memory, MemoryCompressor, MemoryParams, Neighbours, copy_predictions, mixture_bits  # noqa: E402
+from models.adapt import AdaptCompressor  # noqa: E402
+from models.conditioning import ADAPT  # noqa: E402
+from models.lm import Joined, load_lm_compressor  # noqa: E402
+from models.memory import (  # noqa: E402
+    Memory,
+    MemoryCompressor,
+    MemoryParams,
+    Neighbours,
+    copy_mixture,
+    copy_predictions,
+    mixture_bits,
+)
 from models.protocol import Conditioning  # noqa: E402
 
 
@@ -51,10 +68,24 @@ class Case:
     first: int  # the first coded token of `sequence`
     x: str | None  # the case whose X precedes (its copy model's state is this one's start)
 
+    @property
+    def limits(self) -> torch.Tensor:
+        return self.found.limits
 
-def cases_for(compressor: MemoryCompressor, texts: dict[str, list[str]], seed: int) -> dict[str, Case]:
-    """name -> case: the neighbours of the coded tokens and what the copy model needs."""
-    lm = compressor.lm
+
+@dataclasses.dataclass
+class AdaptCase:
+    bits: torch.Tensor  # the coded tokens' bits under the adapted LM (no copy model)
+    limits: torch.Tensor  # how many tokens lie before each one's window
+    sequence: list[int]
+    first: int
+    x: str | None
+
+
+def split(
+    texts: dict[str, list[str]], seed: int, encode
+) -> tuple[list[str], dict[str, list[int]], list[tuple[str, str]]]:
+    """The cases' texts: the Xs' names, name -> tokens of each X and Y, and the (X, Y) pairs."""
     rng = random.Random(seed)
     pool = list(dict.fromkeys(t for ts in texts.values() for t in ts))
     rng.shuffle(pool)
@@ -66,7 +97,13 @@ def cases_for(compressor: MemoryCompressor, texts: dict[str, list[str]], seed: i
         rng.shuffle(ts)
         xs[f"class {c}"], ys[c] = ts[:60], ts[60:68]
     pairs = [("copy", "y"), ("absent", "y")] + [(f"class {ci}", cj) for ci in classes for cj in classes]
-    encoded = {n: list(lm.encode(RECORD_SEPARATOR.join(t))) for n, t in {**xs, **ys}.items()}
+    encoded = {n: list(encode(RECORD_SEPARATOR.join(t))) for n, t in {**xs, **ys}.items()}
+    return list(xs), encoded, pairs
+
+
+def cases_for(compressor: MemoryCompressor, texts: dict[str, list[str]], seed: int) -> dict[str, Case]:
+    """name -> case: the neighbours of the coded tokens and what the copy model needs."""
+    xs, encoded, pairs = split(texts, seed, compressor.lm.encode)
     out: dict[str, Case] = {}
     for name in xs:
         x = encoded[name]
@@ -85,13 +122,52 @@ def cases_for(compressor: MemoryCompressor, texts: dict[str, list[str]], seed: i
     return out
 
 
-def copies(cases: dict[str, Case], order: int) -> dict[str, tuple]:
+def adapt_cases_for(compressor: AdaptCompressor, texts: dict[str, list[str]], seed: int) -> dict[str, AdaptCase]:
+    """name -> case: the adapted LM's bits of the coded tokens, as `adapt` mode codes them."""
+    xs, encoded, pairs = split(texts, seed, compressor.lm.encode)
+    out: dict[str, AdaptCase] = {}
+    for name in xs:
+        x = encoded[name]
+        bits, limits, state = compressor.lm_bits(x, train_last=True)
+        out[f"{name}: X itself"] = AdaptCase(bits, limits, x, 0, None)
+        state = compressor._replay(x, state, None) if compressor.params.replay else state
+        for xn, yn in pairs:
+            if xn == name:
+                y = encoded[yn]
+                bits, limits, _ = compressor.lm_bits(Joined(x, y), len(x), state)
+                out[f"{name}: Y={yn}"] = AdaptCase(bits, limits, [*x, *y], len(x), f"{name}: X itself")
+        print(f"# {name}: {time.strftime('%H:%M:%S')}", flush=True)
+    return out
+
+
+def fit_copy(cases: dict[str, AdaptCase], order: int, steps: int = 800) -> dict[str, object]:
+    """The copy model's (α, β) for `adapt`, minimising the mean log(C_with copy / C_without)."""
+    values = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (0.0, 1.0)]
+    copy = copies(cases, order)
+    optimizer = torch.optim.Adam(values, lr=0.05)
+    for _ in range(steps):
+        params = SimpleNamespace(copy_bias=values[0], copy_length=values[1], copy_max=0.9999)
+        ratios = [with_copy(c, params, copy[n]) / c.bits.sum() for n, c in cases.items()]
+        loss = sum(torch.log(r) for r in ratios) / len(cases)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    params = SimpleNamespace(copy_bias=float(values[0]), copy_length=float(values[1]), copy_max=0.9999)
+    return {"params": params, "loss": float(loss.detach()), "copy": copy}
+
+
+def with_copy(case: AdaptCase, params: object, copy: tuple) -> torch.Tensor:
+    targets = torch.tensor(case.sequence[case.first :])
+    return copy_mixture(case.bits, targets, *copy, params).sum()  # type: ignore[arg-type]
+
+
+def copies(cases: dict, order: int) -> dict[str, tuple]:
     """name -> the copy model's (predicted, matched) for each case's coded tokens."""
     out, states = {}, {}
     for name, case in sorted(cases.items(), key=lambda kv: kv[1].x is not None):  # Xs first
         state = states[case.x] if case.x else (-1, 0)
         predicted, matched, states[name], _ = copy_predictions(
-            case.sequence, case.first, case.found.limits.tolist(), order, state
+            case.sequence, case.first, case.limits.tolist(), order, state
         )
         out[name] = (predicted, matched)
     return out
@@ -135,8 +211,14 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--orders", default="0,3,4,6,8", help="copy model orders to fit (0: none); the lowest loss wins")
     ap.add_argument("--cases", help="keep the cases' neighbours in this file (refits then take seconds)")
+    ap.add_argument("--mode", choices=("memory", "adapt"), default="memory")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     started = time.time()
+    if args.mode == "adapt":
+        return main_adapt(args, started)
     k = 16
     if args.cases and Path(args.cases).exists():
         cases = torch.load(args.cases, weights_only=False)
@@ -173,6 +255,39 @@ def main() -> int:
         mem = float(total_bits(case, best["params"], best["copy"].get(name, (None, None))))
         ctx = case.context_bits
         print(f"{name:24s} context {ctx:10.0f} bits   memory {mem:10.0f}   ratio {mem / ctx:.3f}")
+    return 0
+
+
+def main_adapt(args: argparse.Namespace, started: float) -> int:
+    base = dataclasses.replace(ADAPT[args.model], order=0)
+    if args.cases and Path(args.cases).exists():
+        cases = torch.load(args.cases, weights_only=False)
+    else:
+        lm = load_lm_compressor(args.model)
+        texts: dict[str, list[str]] = {}
+        for e in load_examples(Path(args.data)):
+            texts.setdefault(e.label, []).append(e.text)
+        cases = adapt_cases_for(AdaptCompressor(lm, base, 0), texts, args.seed)
+        if args.cases:
+            torch.save(cases, args.cases)
+    print(f"# adapt {base} of {args.model} on {args.data}, seed {args.seed}; "
+          f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} "
+          f"thread(s), {time.strftime('%Y-%m-%d %H:%M')}")  # fmt: skip
+    tokens = sum(len(c.bits) for c in cases.values())
+    print(f"# the adapted LM's bits of {tokens} tokens in {time.time() - started:.0f} s")
+    results = {}
+    for order in (int(o) for o in args.orders.split(",") if int(o)):
+        results[order] = r = fit_copy(cases, order)
+        p = r["params"]
+        print(f"order={order}, copy_bias={p.copy_bias:.3g}, copy_length={p.copy_length:.3g}   "
+              f"mean log ratio {r['loss']:.4f}")  # fmt: skip
+    order = min(results, key=lambda o: results[o]["loss"])
+    best = results[order]
+    print(f"# lowest: order {order}")
+    for name, case in cases.items():
+        plain = float(case.bits.sum())
+        mixed = float(with_copy(case, best["params"], best["copy"][name]))
+        print(f"{name:24s} adapt {plain:10.0f} bits   with the copy model {mixed:10.0f}   ratio {mixed / plain:.3f}")
     return 0
 
 

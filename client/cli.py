@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     server.add_argument("--model", default=None, help="model id (default: the service's default)")
     server.add_argument("--conditioning", choices=("context", "memory", "adapt"), default="context",
                         help="how X conditions Y: the model's window (default), a memory of earlier tokens "
-                             "(kNN within a horizon, a copy model over all), or the model trained on X; "
+                             "(kNN within a horizon, a copy model over all), or the model trained on X "
+                             "(and the same copy model); "
                              "GET /v1/models shows each model's modes and parameters")
     one_way = argparse.ArgumentParser(add_help=False)
     one_way.add_argument("--direction", choices=("both", "y_given_x"), default="both",

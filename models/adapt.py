@@ -11,6 +11,14 @@ included: the blocks are cut at the X|Y boundary), then `replay` more training p
 blocks (a decoder has X by then and can repeat them), and training on through Y, so
 C(X·Y) = C(X) + C(Y|X) exactly and C(Y) alone is Y's own prequential code.
 
+A copy model (`order` > 0) is mixed in as in `memory` mode (models/memory.py): the token after the
+latest earlier occurrence of the last `order` tokens anywhere before the window is predicted with
+weight μ = μ_max · σ(α + β · ln L), L the tokens that occurrence has matched, and followed while
+it predicts right. Training learns what a dataset's text is like; the copy model finds what it
+repeats verbatim, beyond the window (Y's records inside a large X), which training alone barely
+sees. It reads only the tokens, so it changes neither the training nor its cost (~2 s a million
+tokens); its state after X and its lookup of X's positions are kept with X's trained state.
+
 What trains: low-rank adapters (LoRA: W x + B A x, B = 0 at the start, A drawn from a seeded
 generator) on the attention and MLP projections of the last `layers` blocks, with Adam. The layers
 below stay frozen and need no backward pass, and give the same output at every step: a block costs
@@ -35,14 +43,15 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from torch import nn
 
 from models.batching import window_spans
-from models.lm import Joined, LMCompressor
-from models.memory import RecentDigests
+from models.lm import Joined, LMCompressor, token_ids
+from models.memory import CopyIndex, RecentDigests, copy_mixture, copy_predictions
 from models.protocol import Progress, Segment, SegmentBits, Symbols
 
 log = logging.getLogger(__name__)
@@ -61,6 +70,10 @@ class AdaptParams:
     steps: int = 1  # optimizer steps per block
     replay: int = 0  # more training passes over X's blocks after coding X, before Y is coded
     seed: int = 0
+    order: int = 0  # the copy model's context in tokens (0: no copy model), as in `memory` mode
+    copy_bias: float = 0.0  # α
+    copy_length: float = 0.0  # β, the weight of ln(tokens the copy has matched)
+    copy_max: float = 0.9999  # μ_max
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -72,7 +85,17 @@ class AdaptParams:
                 "training on through Y's blocks"
             ),
             "seed": self.seed,
-        }
+        } | (
+            {
+                "copy": (
+                    f"mixed with the token after the latest earlier occurrence (anywhere before the window) of "
+                    f"the last {self.order} tokens, followed while it predicts right"
+                ),
+                "copy_weight": f"{self.copy_max} * sigmoid({self.copy_bias} + {self.copy_length} * ln(tokens matched))",
+            }
+            if self.order
+            else {}
+        )
 
     def _replay_text(self) -> str:
         return f"{self.replay} more pass(es) over X's blocks" if self.replay else "no more passes"
@@ -80,6 +103,8 @@ class AdaptParams:
     @property
     def key(self) -> str:
         raw = f"{self.layers}:{self.rank}:{self.lr}:{self.steps}:{self.replay}:{self.seed}"
+        if self.order:
+            raw += f":{self.order}:{self.copy_bias}:{self.copy_length}:{self.copy_max}"
         return "adapt" + hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 
@@ -131,10 +156,16 @@ class AdaptState:
     params: list[torch.Tensor]  # A_0, B_0, A_1, B_1, ... in the order of the wrapped layers
     optimizer: dict  # torch.optim.Adam state_dict
     bits: float  # code length of what was coded to get here
+    copy_state: tuple[int, int] = (-1, 0)  # the copy model after the last token: (pointer, tokens matched)
+    tokens: np.ndarray | None = None  # with a copy model: the tokens coded to get here (int64)
+    copy_index: CopyIndex | None = None  # with a copy model: its lookup of those tokens' positions
 
     @property
     def nbytes(self) -> int:
         total = sum(p.numel() * p.element_size() for p in self.params)
+        total += (self.tokens.nbytes if self.tokens is not None else 0) + (
+            self.copy_index.nbytes if self.copy_index is not None else 0
+        )
         for s in self.optimizer.get("state", {}).values():
             total += sum(t.numel() * t.element_size() for t in s.values() if isinstance(t, torch.Tensor))
         return total
@@ -232,25 +263,74 @@ class AdaptCompressor:
         progress: Progress | None,
         train_last: bool = False,
     ) -> tuple[float, AdaptState]:
-        """Code tokens[start:] block by block after the state `before` (None: fresh adapters),
-        training after each block (after the last one only if `train_last`). Returns the bits
-        of tokens[start:] and the state after them (with `before`'s bits added)."""
+        """Code tokens[start:] after the state `before` (None: fresh adapters): the adapted LM's
+        bits (`lm_bits`) mixed with the copy model (if any). Returns the bits of tokens[start:]
+        and the state after them (with `before`'s bits added)."""
+        bits, limits, state = self.lm_bits(tokens, start, before, progress, train_last)
+        if self.params.order:
+            bits, state = self._copy(tokens, start, limits, bits, before, state)
+        total = float(bits.sum())
+        state.bits = total + (before.bits if before is not None else 0.0)
+        return total, state
+
+    def lm_bits(
+        self,
+        tokens: Sequence[int],
+        start: int = 0,
+        before: AdaptState | None = None,
+        progress: Progress | None = None,
+        train_last: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, AdaptState]:
+        """Code tokens[start:] block by block with the adapted LM alone, after the state `before`
+        (None: fresh adapters), training after each block (after the last one only if
+        `train_last`). Returns each token's bits (float64), how many tokens lie before its
+        window (what a copy may follow), and the state after them (bits not set).
+        benchmarks/conditioning_fit.py fits the copy model's weights on these."""
         params, optimizer = self._trainable(before)
         spans = self._spans(len(tokens), start)
         # Positions low.. of the start token + tokens: all that the blocks read (a Y after a long
         # X reads the window before Y, so X's other tokens are not converted again for each Y).
         low = spans[0][0] if spans else len(tokens)
         ids = self.lm.with_start(tokens, low).to(self.lm.device)
-        total = 0.0
+        blocks: list[torch.Tensor] = [torch.zeros(0, dtype=torch.float64)]
         if progress is not None:
             progress(0, len(tokens) - start)
         with self.lm.lock, self._active(params):
             for k, (a, b, first) in enumerate(spans):
                 last = k + 1 == len(spans)
-                total += self._block(ids, a - low, b - low, first - low, optimizer, train=train_last or not last)
+                blocks.append(self._block(ids, a - low, b - low, first - low, optimizer, train=train_last or not last))
                 if progress is not None:
                     progress(b - first, 0)
-        return total, self._snapshot(params, optimizer, total + (before.bits if before is not None else 0.0))
+        # A token at position p (the start token's is 0) of window [a, b) may copy from the a - 1 before it.
+        limits = [torch.zeros(0, dtype=torch.long)]
+        limits += [torch.full((b - first,), max(a - 1, 0), dtype=torch.long) for a, b, first in spans]
+        return torch.cat(blocks), torch.cat(limits), self._snapshot(params, optimizer, 0.0)
+
+    def _copy(
+        self,
+        tokens: Sequence[int],
+        start: int,
+        limits: torch.Tensor,
+        bits: torch.Tensor,
+        before: AdaptState | None,
+        state: AdaptState,
+    ) -> tuple[torch.Tensor, AdaptState]:
+        """The bits of tokens[start:] mixed with the copy model's predictions (models/memory.py),
+        which follow the latest earlier occurrence of the last `order` tokens before each token's
+        window (`limits`); and `state` with the copy model's state, the tokens and their lookup (X's are kept
+        with X's state, so a Y after X hashes and sorts only its own positions)."""
+        if before is not None and before.tokens is not None and len(before.tokens) == start:
+            seq = np.concatenate([before.tokens, token_ids(tokens[start:]).numpy()])
+            copy_state, earlier = before.copy_state, before.copy_index
+        else:
+            seq = token_ids(tokens).numpy()
+            copy_state, earlier = (before.copy_state if before is not None else (-1, 0)), None
+        predicted, matched, copy_state, index = copy_predictions(
+            seq, start, limits, self.params.order, copy_state, earlier
+        )
+        bits = copy_mixture(bits, torch.from_numpy(seq[start:]), predicted, matched, self.params)
+        # The lookup covers this call's positions: all of them only when nothing came before.
+        return bits, replace(state, copy_state=copy_state, tokens=seq, copy_index=index if start == 0 else None)
 
     def _replay(self, tokens: Sequence[int], coded: AdaptState, progress: Progress | None) -> AdaptState:
         """`replay` more training passes over the blocks of `tokens`, from the state after coding
@@ -266,7 +346,8 @@ class AdaptCompressor:
                     self._block(ids, a, b, first, optimizer, train=True, code=False)
                     if progress is not None:
                         progress(b - first, 0)
-        return self._snapshot(params, optimizer, coded.bits)
+        snapshot = self._snapshot(params, optimizer, coded.bits)
+        return replace(snapshot, copy_state=coded.copy_state, tokens=coded.tokens, copy_index=coded.copy_index)
 
     def _spans(self, n: int, start: int) -> list[tuple[int, int, int]]:
         """The blocks that code tokens[start:] of n tokens: (window start, end, first position
@@ -301,11 +382,12 @@ class AdaptCompressor:
         optimizer: torch.optim.Optimizer,
         train: bool,
         code: bool = True,
-    ) -> float:
+    ) -> torch.Tensor:
         """Code positions [first, b) of window [a, b) with the current adapters (if `code`);
-        then, if `train`, take the optimizer steps on them. Returns their bits."""
+        then, if `train`, take the optimizer steps on them. Returns their bits, (b - first,)
+        float64 on the CPU (empty if not `code`)."""
         targets = ids[first:b]
-        bits = 0.0
+        bits = torch.zeros(0, dtype=torch.float64)
         steps = self.params.steps if train else 1
         below: tuple[torch.Tensor, dict] | None = None  # what enters the first adapted block, from step 0
         for step in range(steps):
@@ -316,7 +398,7 @@ class AdaptCompressor:
                     hidden = self._adapted_part(*below)
                 hidden = hidden[first - 1 - a : b - 1 - a]
             if step == 0 and code:
-                bits = float(self.lm.head_bits(hidden.detach(), targets).to("cpu", torch.float64).sum())
+                bits = self.lm.head_bits(hidden.detach(), targets).to("cpu", torch.float64)
             if not train:
                 break
             optimizer.zero_grad(set_to_none=True)

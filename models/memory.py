@@ -61,6 +61,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -575,8 +576,16 @@ def knn_mixture(
     return out, hits
 
 
+class CopyWeights(Protocol):
+    """The copy model's weight parameters (`MemoryParams`, `models.adapt.AdaptParams`)."""
+
+    copy_bias: float
+    copy_length: float
+    copy_max: float
+
+
 def copy_mixture(
-    bits: torch.Tensor, targets: torch.Tensor, predicted: torch.Tensor, matched: torch.Tensor, params: MemoryParams
+    bits: torch.Tensor, targets: torch.Tensor, predicted: torch.Tensor, matched: torch.Tensor, params: CopyWeights
 ) -> torch.Tensor:
     """`bits` (n,) float64 mixed with the copy model's predictions (`copy_predictions`)."""
     out = bits.clone()

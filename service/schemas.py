@@ -18,7 +18,7 @@ Mode = Annotated[
         description=(
             "How X conditions Y: 'context' (the model's window; default), 'memory' (a nearest-neighbour "
             "memory of the tokens within a horizon before the window, and a copy model over every earlier "
-            "token) or 'adapt' (the model trained on X as it codes it). "
+            "token) or 'adapt' (the model trained on X as it codes it, with the same copy model). "
             "/v1/models lists what each model offers, with the parameters"
         )
     ),

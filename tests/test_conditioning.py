@@ -13,7 +13,17 @@ import torch
 
 from models.adapt import AdaptCompressor
 from models.conditioning import conditioned
-from models.memory import MemoryCompressor, MemoryParams, copy_predictions, mixture_bits, search, sequence_digest
+from models.lm import Joined
+from models.memory import (
+    MemoryCompressor,
+    MemoryParams,
+    copy_mixture,
+    copy_predictions,
+    mixture_bits,
+    search,
+    sequence_digest,
+    window_starts,
+)
 from models.protocol import Segment, UnsupportedMode
 from models.tiny import tiny_compressor
 
@@ -216,6 +226,43 @@ def test_adapt_learns_from_x(lm) -> None:
     with_y = adapt.score([Segment(tokens(100, 13) + y * 3 + tokens(60, 14), y)])[0].target_bits
     without = adapt.score([Segment(tokens(100, 13) + tokens(120, 15) + tokens(60, 14), y)])[0].target_bits
     assert with_y < without
+
+
+def test_adapt_follows_a_copy_beyond_the_window(lm) -> None:
+    """`adapt`'s copy model finds Y's copy 150+ tokens before Y, where the 32-token window cannot
+    see it: C(Y|X) far below the same mode without a copy model, and no false copy without it."""
+    params = conditioned(lm, "adapt", 0, 0).params
+    assert params.order
+    y = tokens(60, 31)
+    with_copy, without = tokens(150, 32) + y + tokens(150, 33), tokens(150, 32) + tokens(60, 34) + tokens(150, 33)
+
+    def c(order: int, x: list[int]) -> float:
+        return AdaptCompressor(lm, dataclasses.replace(params, order=order), 0).score([Segment(x, y)])[0].target_bits
+
+    c_y = lm.score([Segment((), y)])[0].target_bits
+    assert c(0, with_copy) > 0.8 * c_y  # training on X alone does not find it
+    assert c(params.order, with_copy) < 0.3 * c(0, with_copy)
+    assert c(params.order, without) > 0.8 * c_y
+
+
+def test_adapt_mixes_the_copy_model_over_x_and_y_as_one_sequence(lm) -> None:
+    """C(X) and C(Y|X) are the adapted LM's bits of X, then Y, mixed with the copy model run over
+    X·Y in one piece, each token following only tokens before its window (its state and X's
+    lookup carried from X's state to Y: a match longer than the 64 tokens a fresh one counts back)."""
+    params = conditioned(lm, "adapt", 0, 0).params
+    plain = AdaptCompressor(lm, dataclasses.replace(params, order=0), 0)
+    s = tokens(200, 35)
+    x, y = tokens(90, 36) + s[:150] + tokens(80, 37) + s[:100], s[100:140]  # a 100-token copy under way
+    x_bits, _, x_state = plain.lm_bits(x, train_last=True)
+    y_bits, _, _ = plain.lm_bits(Joined(x, y), len(x), x_state)
+    window = lm.window
+    limits = (window_starts(torch.arange(1, len(x + y) + 1), window.context_tokens, window.stride) - 1).clamp_min(0)
+    predicted, matched, _, _ = copy_predictions(x + y, 0, limits, params.order)
+    mixed = copy_mixture(torch.cat([x_bits, y_bits]), torch.tensor(x + y), predicted, matched, params)
+    got = AdaptCompressor(lm, params, 1 << 26).score([Segment(x, y)])[0]
+    assert math.isclose(got.prefix_bits, float(mixed[: len(x)].sum()), rel_tol=1e-12)
+    assert math.isclose(got.target_bits, float(mixed[len(x) :].sum()), rel_tol=1e-12)
+    assert got.target_bits < 0.2 * float(y_bits.sum())  # the copy under way was followed into Y
 
 
 def test_adapt_leaves_the_model_unchanged(lm) -> None:
