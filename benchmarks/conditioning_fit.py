@@ -212,6 +212,8 @@ def main() -> int:
     ap.add_argument("--orders", default="0,3,4,6,8", help="copy model orders to fit (0: none); the lowest loss wins")
     ap.add_argument("--cases", help="keep the cases' neighbours in this file (refits then take seconds)")
     ap.add_argument("--mode", choices=("memory", "adapt"), default="memory")
+    ap.add_argument("--dims", type=int, default=0, help="memory: keys projected on the head's top DIMS directions")
+    ap.add_argument("--scaled", action="store_true", help="memory, with --dims: scaled by their singular values")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
     if args.threads:
@@ -228,7 +230,8 @@ def main() -> int:
         lm.info = dataclasses.replace(
             lm.info, modes=(*(m for m in lm.info.modes if m.mode != "memory"), Conditioning("memory", (), "fit"))
         )
-        compressor = MemoryCompressor(lm, MemoryParams(k=k, temperature=1.0, bias=0.0, distance=0.0, run=0.0), 0)
+        start = MemoryParams(k=k, temperature=1.0, bias=0.0, distance=0.0, run=0.0, dims=args.dims, scaled=args.scaled)
+        compressor = MemoryCompressor(lm, start, 0)
         texts: dict[str, list[str]] = {}
         for e in load_examples(Path(args.data)):
             texts.setdefault(e.label, []).append(e.text)

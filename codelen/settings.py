@@ -31,7 +31,7 @@ class Settings(BaseSettings):
 
     # Conditioning on a dataset (`conditioning`: memory, adapt); models/memory.py, models/adapt.py
     # Bytes of token memories kept per model: fp16 keys of the tokens within the horizon of what
-    # follows (for SmolLM2 at most 262,144 + 6,144 tokens x 1.2 KB, ~310 MB) and <= 33 B a token
+    # follows (for SmolLM2 at most 262,144 + 6,144 tokens x 260 B, ~70 MB) and <= 33 B a token
     # (tokens, bits, the copy model's index), so 1 GiB holds two memories of 4 MiB datasets or many
     # smaller ones; one over the bound is built once per call, not kept. Keys on the model's device,
     # the rest in RAM (counted together).

@@ -7,7 +7,7 @@ starts at w(p) = 0 for p < context, else ((p - context) // stride + 1) × stride
 Its memory is the `horizon` tokens at positions before w(p) (all of them with horizon 0): what
 the window cannot see, X's tokens and the sequence's own earlier ones alike (repetitions inside X
 count, as in zstd). Each memory entry is keyed by the final hidden state that predicted the token
-(the input of the vocabulary head) and holds the token. The horizon bounds the search per token
+(the input of the vocabulary head; projected, see Keys) and holds the token. The horizon bounds the search per token
 (so the time is linear in the sequence) and the keys held (rows no later token can reach are
 dropped, in whole KEY_BLOCKs, as coding moves on: `KeyBuffer`); the copy model below still looks
 at every token before w(p), so a copy is found at any depth.
@@ -36,11 +36,14 @@ they matched), and every part is a distribution over the vocabulary, so the mixt
 code; a token with an empty memory (the first window) is coded by the LM alone. Coding is
 sequential, so C(X·Y) = C(X) + C(Y|X) and C(X) alone is the X part of C(X·Y).
 
-Keys in half precision. A state leaves the model rounded to fp16, queries and keys alike, so a
-key takes 1.2 KB for SmolLM2 instead of 2.3 (a horizon of 262,144 tokens: ~310 MB); distances are
-computed in fp32 from the rounded values. The rounding is part of the code: a
-decoder rounds the same way. What it changes is measured by benchmarks/memory_scaling.py precision
-(docs/BENCHMARKS.md: under 2 bits of an 84,000-bit C(X)).
+Keys. With `dims` a state is first projected on the vocabulary head's top `dims` right singular
+vectors (`head_basis`, computed from the weights alone): the directions the logits respond to
+most, so SmolLM2's 576 dimensions become 128 and the search costs ~4.5× less. Then it is rounded
+to fp16, queries and keys alike, so a key takes 256 B for SmolLM2 (1.2 KB unprojected, 2.3 KB in
+fp32; a horizon of 262,144 tokens: ~70 MB); distances are computed in fp32 from the rounded
+values. Projection and rounding are part of the code: a decoder does the same. What the rounding
+changes is measured by benchmarks/memory_scaling.py precision (docs/BENCHMARKS.md: under 2 bits of
+an 84,000-bit C(X), on unprojected keys); what the projection changes, by conditioning_fit.py.
 
 Exact search. The distances are computed in blocks of a fixed number of keys with the engine's
 fixed-tile products on the CPU (`models.invariant`), so a query's neighbours never depend on its
@@ -94,12 +97,20 @@ class MemoryParams:
     copy_length: float = 0.0  # β, the weight of ln(tokens the copy has matched)
     copy_max: float = 0.9999  # μ_max
     horizon: int = 0  # the kNN memory holds this many tokens before the window (0: all of them)
+    dims: int = 0  # keys: the states projected on the head's top `dims` right singular vectors (0: the states)
+    scaled: bool = False  # with dims: each direction scaled by its singular value (distances of logits)
 
     def as_dict(self) -> dict[str, object]:
         return {
             "k": self.k,
             "temperature": self.temperature,
-            "distance": "squared L2 between final hidden states (the vocabulary head's input), rounded to fp16",
+            "distance": (
+                f"squared L2 between final hidden states (the vocabulary head's input) projected on the head's "
+                f"top {self.dims} right singular vectors{' times their singular values' if self.scaled else ''}, "
+                "rounded to fp16"
+                if self.dims
+                else "squared L2 between final hidden states (the vocabulary head's input), rounded to fp16"
+            ),
             "memory": (
                 f"the {self.horizon} tokens before the scoring window"
                 if self.horizon
@@ -126,6 +137,8 @@ class MemoryParams:
     def key(self) -> str:
         raw = f"{self.k}:{self.temperature}:{self.bias}:{self.distance}:{self.run}:{self.max_weight}:{KEY_DTYPE}"
         raw += f":{self.horizon}"
+        if self.dims:
+            raw += f":{self.dims}:{self.scaled}"
         if self.order:
             raw += f":{self.order}:{self.copy_bias}:{self.copy_length}:{self.copy_max}"
         return "mem" + hashlib.sha256(raw.encode()).hexdigest()[:12]
@@ -614,6 +627,17 @@ class MemoryCompressor:
         self.windows_per_step = windows_per_step  # windows per engine call: bounds the states held at once
         self.digest = RecentDigests()
         self.info = lm.info.with_mode("memory")
+        self.basis = head_basis(lm.head_weight, params.dims, params.scaled) if params.dims else None
+        self.key_dim = params.dims or lm.hidden_size
+
+    def keys_of(self, states: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (n, hidden) as memory keys and queries, float32 on the memory's device
+        with fp16 values (projected first if the parameters say so; batch-invariant on the CPU)."""
+        states = states.to(self.lm.device)
+        if self.basis is not None:
+            basis = self.basis.to(states.device)
+            states = tiled_matmul(states.float(), basis) if states.device.type == "cpu" else states.float() @ basis
+        return states.to(KEY_DTYPE).float()
 
     def encode(self, text: str) -> Symbols:
         return self.lm.encode(text)
@@ -666,7 +690,7 @@ class MemoryCompressor:
         every token: ~200 B a token); the copy model then runs over the whole sequence."""
         sequence = _sequence(following, before)
         start, n = len(sequence) - len(following), len(following)
-        own = KeyBuffer(self.lm.hidden_size, self.lm.device)
+        own = KeyBuffer(self.key_dim, self.lm.device)
         targets = sequence[start:]
         bits = torch.zeros(n, dtype=torch.float64)
         hits = torch.zeros(n, dtype=torch.bool)
@@ -697,7 +721,7 @@ class MemoryCompressor:
         start = len(before.values) if before is not None else 0
         sequence = _sequence(tokens[start:], before)
         n, k = len(tokens) - start, self.params.k
-        own = KeyBuffer(self.lm.hidden_size, self.lm.device)
+        own = KeyBuffer(self.key_dim, self.lm.device)
         lm_bits = torch.zeros(n, dtype=torch.float64)
         distances = torch.full((n, k), math.inf)
         neighbour_tokens = torch.zeros((n, k), dtype=torch.long)
@@ -718,7 +742,6 @@ class MemoryCompressor:
         into `own` (rows no later token reaches are dropped)."""
         start = len(before.values) if before is not None else 0
         n = len(sequence) - start
-        device = self.lm.device
         ends = [end - 1 for _, end, _ in window_spans(len(sequence) + 1, self.lm.window) if end - 1 > start]
         context, stride = self.lm.window.context_tokens, self.lm.window.stride
         filled = 0
@@ -729,7 +752,7 @@ class MemoryCompressor:
             first = start + filled
             end = ends[min(step + self.windows_per_step, len(ends)) - 1]
             ((bits, states),) = self.lm.token_states([sequence[:end]], first=[first])
-            states = states.to(device).to(KEY_DTYPE).float()  # the rounding the memory keeps
+            states = self.keys_of(states)  # the rounding the memory keeps
             starts = window_starts(torch.arange(first + 1, end + 1), context, stride)
             # Keys of tokens at positions before the window: the prefix's, then this call's own.
             limit_before = (starts - 1).clamp(0, start)
@@ -781,6 +804,18 @@ class MemoryCompressor:
             top = torch.cat([d0, d], 1).topk(k, dim=1, largest=False)
             d, rows = top.values, torch.cat([rows0, rows], 1).gather(1, top.indices)
         return d, rows
+
+
+def head_basis(head_weight: torch.Tensor, dims: int, scaled: bool) -> torch.Tensor:
+    """(hidden, dims) float32 on the CPU: the top `dims` right singular vectors of the vocabulary
+    head (the directions of a state the logits respond to most), times their singular values if
+    `scaled` (then distances are those of the logits, restricted to these directions). Computed
+    in float64 from the weights alone, so every process that loads the model gets the same one."""
+    _, values, vh = torch.linalg.svd(head_weight.detach().to("cpu", torch.float64), full_matrices=False)
+    basis = vh[:dims].T
+    if scaled:
+        basis = basis * values[:dims]
+    return basis.to(torch.float32).contiguous()
 
 
 def _sequence(following: Sequence[int], before: Memory | None) -> torch.Tensor:

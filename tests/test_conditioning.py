@@ -19,6 +19,7 @@ from models.memory import (
     MemoryParams,
     copy_mixture,
     copy_predictions,
+    head_basis,
     mixture_bits,
     search,
     sequence_digest,
@@ -118,6 +119,41 @@ def test_the_horizon_bounds_the_knn_memory_but_not_the_copy_model(lm) -> None:
     assert ratio(order=0, horizon=64) > 0.9  # ...but not beyond its horizon
     assert ratio(horizon=64) < 0.5  # the copy model does
     assert ratio(horizon=10_000) == ratio()
+
+
+def test_projected_keys_span_the_heads_top_directions() -> None:
+    """`head_basis`: orthonormal columns on the head's top right singular vectors (what the logits
+    respond to most), so a key keeps the part of a state that moves the logits most; scaled, the
+    distances are the logits' own in those directions."""
+    g = torch.Generator().manual_seed(3)
+    head = torch.randn(300, 24, generator=g, dtype=torch.float64) * torch.linspace(3, 0.1, 24, dtype=torch.float64)
+    values = torch.linalg.svdvals(head)
+    basis = head_basis(head.float(), 8, scaled=False).double()
+    assert torch.allclose(basis.T @ basis, torch.eye(8, dtype=torch.float64), atol=1e-5)
+    assert math.isclose(float((head @ basis).square().sum()), float(values[:8].square().sum()), rel_tol=1e-5)
+    h, h2 = torch.randn(2, 24, generator=g, dtype=torch.float64)
+    scaled = head_basis(head.float(), 24, scaled=True).double()  # every direction: the logits' distance
+    logits_distance = float((head @ (h - h2)).square().sum())
+    assert math.isclose(float(((h - h2) @ scaled).square().sum()), logits_distance, rel_tol=1e-4)
+
+
+def test_projected_keys_keep_the_definitions(lm) -> None:
+    """With keys projected (`dims`), coding is still sequential (C(X·Y) = C(X) + C(Y|X)), batch
+    invariant and finds a copy beyond the window."""
+    from models.conditioning import MEMORY
+
+    compressor = MemoryCompressor(lm, dataclasses.replace(MEMORY["tiny-random"], dims=16), 1 << 26)
+    assert compressor.key_dim == 16
+    y = tokens(60, 41)
+    x = tokens(150, 42) + y + tokens(150, 43)
+    joint = compressor.score([Segment(x, y)])[0]
+    whole = compressor.score([Segment((), x + y)])[0]
+    assert math.isclose(whole.target_bits, joint.prefix_bits + joint.target_bits, abs_tol=0.01)
+    assert joint.target_bits < 0.3 * lm.score([Segment((), y)])[0].target_bits
+    ys = [tokens(n, 44 + n) for n in (10, 40)]
+    together = compressor.score([Segment(x, v) for v in ys])
+    assert [compressor.score([Segment(x, v)])[0] for v in ys] == together
+    assert compressor.params.key != MEMORY["tiny-random"].key
 
 
 def test_a_trimmed_memory_codes_what_follows_as_the_whole_one(lm, monkeypatch: pytest.MonkeyPatch) -> None:
