@@ -112,21 +112,25 @@ def horizon(lm: LMCompressor, args: argparse.Namespace) -> None:
     started = time.perf_counter()
     ((_, states),) = lm.token_states([tokens[: n + context]], first=[context])  # the step after a first window
     forward = time.perf_counter() - started
-    queries = states.to(memory.KEY_DTYPE).float()
-    m = len(queries)
+    m = len(states)
     print(f"forward pass: {m} tokens in {forward:.1f} s ({m / forward:.0f} tokens/s)")
     gen = torch.Generator().manual_seed(args.seed)
-    for size in (int(h) for h in args.horizons.split(",")):
-        keys = (torch.randn(size, queries.shape[1], generator=gen) * queries.std()).to(memory.KEY_DTYPE)
-        norms = (keys.float() ** 2).sum(1)
-        started = time.perf_counter()
-        memory.search(queries, keys, norms, torch.full((m,), size), MEMORY[args.model].k)
-        seconds = time.perf_counter() - started
-        print(
-            f"horizon {size:8d}: search {seconds:6.1f} s ({seconds / m * 1e3:.2f} ms a token); "
-            f"forward's share of the step {forward / (forward + seconds):.0%}",
-            flush=True,
-        )
+    shipped = MEMORY[args.model]
+    # The keys as the shipped parameters make them, and (if those are projected) the whole states.
+    for params in dict.fromkeys([shipped, dataclasses.replace(shipped, dims=0)]):
+        queries = memory.MemoryCompressor(lm, params, 0).keys_of(states).cpu()
+        for size in (int(h) for h in args.horizons.split(",")):
+            keys = (torch.randn(size, queries.shape[1], generator=gen) * queries.std()).to(memory.KEY_DTYPE)
+            norms = (keys.float() ** 2).sum(1)
+            started = time.perf_counter()
+            memory.search(queries, keys, norms, torch.full((m,), size), params.k)
+            seconds = time.perf_counter() - started
+            print(
+                f"keys of {queries.shape[1]} dimensions, horizon {size:8d}: search {seconds:6.1f} s "
+                f"({seconds / m * 1e3:.2f} ms a token); "
+                f"forward's share of the step {forward / (forward + seconds):.0%}",
+                flush=True,
+            )
 
 
 def overhead(args: argparse.Namespace) -> None:
