@@ -9,7 +9,8 @@ forever; and httptools buffers a header of any size. `LimitedHttpToolsProtocol` 
 - the body must be complete `body_timeout_s` after the headers, else 408 and close (the app sees
   a disconnect, counted as 499);
 - the headers (request line included) may be at most `max_header_bytes`, else 431 and close,
-  checked as bytes arrive, so no more than one read (256 KiB) past the limit is ever buffered.
+  checked as bytes arrive, so no more than two reads (256 KiB each) past the limit are ever
+  buffered (a read that also holds the end of an earlier request's body is not counted).
 A refusal is written, then the write side shut (FIN) and the client's further bytes read and
 dropped for up to LINGER_S: closing at once with unread bytes would send a reset that destroys the
 answer. `uvicorn_config` builds the uvicorn.Config `codelen serve` (and the tests' server) runs with.
@@ -36,8 +37,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self.header_timeout_s, self.body_timeout_s = header_timeout_s, body_timeout_s
         self.max_header_bytes = max_header_bytes
-        self._reading_headers = True  # between a request's first byte (or the connection) and its headers' end
+        self._reading_headers = True  # from the connection or a request's end to the next one's headers' end
         self._header_bytes = 0
+        self._completed = False  # a request ended within the read being parsed
         self._deadline: asyncio.TimerHandle | None = None
         self._refused = False
 
@@ -64,9 +66,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # lingering after a refusal: read and drop, so the answer is not lost to a reset
+        # A read that starts in a request's headers or between requests, and in which no request
+        # ends, is all header. One that starts in a body (a request answered before its body was
+        # read, or pipelined) may end with the next request's first header bytes: how many is not
+        # known, so that read (at most 256 KiB) is not counted, rather than counting the body.
+        counts, self._completed = self._reading_headers, False
         super().data_received(data)
         if self._reading_headers and self.parser is not None and not self._done():
-            self._header_bytes += len(data)  # all of it is header: the parser has not reached their end
+            self._header_bytes += len(data) if counts and not self._completed else 0
             if self._header_bytes > self.max_header_bytes:
                 self._refuse(431, f"request headers over {self.max_header_bytes} bytes")
 
@@ -90,6 +97,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             super().on_body(body)
 
     def on_message_complete(self) -> None:
+        self._reading_headers, self._header_bytes, self._completed = True, 0, True  # the next bytes: a new request's
         if not self._done():
             self._disarm()
             super().on_message_complete()

@@ -219,3 +219,19 @@ def test_openapi_documents_what_the_service_sends() -> None:
     assert "503" in paths["/readyz"]["get"]["responses"]
     assert list(paths["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
     assert "security" not in paths["/healthz"]["get"] and "401" not in paths["/healthz"]["get"]["responses"]
+
+
+def test_a_body_is_not_counted_as_the_next_requests_headers(strict_url: str) -> None:
+    """Request 1's body and the start of request 2 arrive in one read (request 1 answered early,
+    or pipelined): request 2's headers limit counts its own bytes only, so it is answered, not
+    refused with 431 (16 KiB header limit here; the body is 60 KB)."""
+    body = b'{"x": "' + b"a" * 60_000 + b'", "y": "b", "model": "gzip"}'
+    first = b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    first += b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    with _connect(strict_url) as s:
+        s.sendall(first + b"GET /healthz HTTP/1.1\r\nHo")  # request 2's headers not yet complete
+        time.sleep(0.2)
+        s.sendall(b"st: x\r\nConnection: close\r\n\r\n")
+        answer = _read_all(s)
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)
+    assert statuses == [b"200", b"200"], answer[:300]
