@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import platform
 import random
@@ -80,6 +81,18 @@ class AdaptCase:
     sequence: list[int]
     first: int
     x: str | None
+
+    @functools.cached_property
+    def targets(self) -> torch.Tensor:
+        """The coded tokens (made once: the fit mixes them 800 times)."""
+        return torch.tensor(self.sequence[self.first :])
+
+
+def texts_by_label(path: Path) -> dict[str, list[str]]:
+    texts: dict[str, list[str]] = {}
+    for e in load_examples(path):
+        texts.setdefault(e.label, []).append(e.text)
+    return texts
 
 
 def split(
@@ -152,13 +165,12 @@ def fit_copy(cases: dict[str, AdaptCase], order: int, steps: int = 800) -> dict[
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    params = SimpleNamespace(copy_bias=float(values[0]), copy_length=float(values[1]), copy_max=0.9999)
+    params = SimpleNamespace(copy_bias=values[0].item(), copy_length=values[1].item(), copy_max=0.9999)
     return {"params": params, "loss": float(loss.detach()), "copy": copy}
 
 
 def with_copy(case: AdaptCase, params: object, copy: tuple) -> torch.Tensor:
-    targets = torch.tensor(case.sequence[case.first :])
-    return copy_mixture(case.bits, targets, *copy, params).sum()  # type: ignore[arg-type]
+    return copy_mixture(case.bits, case.targets, *copy, params).sum()  # type: ignore[arg-type]
 
 
 def copies(cases: dict, order: int) -> dict[str, tuple]:
@@ -232,9 +244,7 @@ def main() -> int:
         )
         start = MemoryParams(k=k, temperature=1.0, bias=0.0, distance=0.0, run=0.0, dims=args.dims, scaled=args.scaled)
         compressor = MemoryCompressor(lm, start, 0)
-        texts: dict[str, list[str]] = {}
-        for e in load_examples(Path(args.data)):
-            texts.setdefault(e.label, []).append(e.text)
+        texts = texts_by_label(Path(args.data))
         cases = cases_for(compressor, texts, args.seed)
         if args.cases:
             torch.save(cases, args.cases)
@@ -267,9 +277,7 @@ def main_adapt(args: argparse.Namespace, started: float) -> int:
         cases = torch.load(args.cases, weights_only=False)
     else:
         lm = load_lm_compressor(args.model)
-        texts: dict[str, list[str]] = {}
-        for e in load_examples(Path(args.data)):
-            texts.setdefault(e.label, []).append(e.text)
+        texts = texts_by_label(Path(args.data))
         cases = adapt_cases_for(AdaptCompressor(lm, base, 0), texts, args.seed)
         if args.cases:
             torch.save(cases, args.cases)

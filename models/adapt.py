@@ -319,12 +319,12 @@ class AdaptCompressor:
         which follow the latest earlier occurrence of the last `order` tokens before each token's
         window (`limits`); and `state` with the copy model's state, the tokens and their lookup (X's are kept
         with X's state, so a Y after X hashes and sorts only its own positions)."""
-        if before is not None and before.tokens is not None and len(before.tokens) == start:
+        if before is None:
+            seq, copy_state, earlier = token_ids(tokens).numpy(), (-1, 0), None
+        else:  # X's state: it holds X's tokens (`start` of them) and their lookup
+            assert before.tokens is not None and len(before.tokens) == start
             seq = np.concatenate([before.tokens, token_ids(tokens[start:]).numpy()])
             copy_state, earlier = before.copy_state, before.copy_index
-        else:
-            seq = token_ids(tokens).numpy()
-            copy_state, earlier = (before.copy_state if before is not None else (-1, 0)), None
         predicted, matched, copy_state, index = copy_predictions(
             seq, start, limits, self.params.order, copy_state, earlier
         )

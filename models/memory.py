@@ -8,9 +8,9 @@ Its memory is the `horizon` tokens at positions before w(p) (all of them with ho
 the window cannot see, X's tokens and the sequence's own earlier ones alike (repetitions inside X
 count, as in zstd). Each memory entry is keyed by the final hidden state that predicted the token
 (the input of the vocabulary head; projected, see Keys) and holds the token. The horizon bounds
-the search per token (so the time is linear in the sequence) and the keys held (rows no later token can reach are
-dropped, in whole KEY_BLOCKs, as coding moves on: `KeyBuffer`); the copy model below still looks
-at every token before w(p), so a copy is found at any depth.
+the search per token (so the time is linear in the sequence) and the keys held (rows no later
+token can reach are dropped, in whole KEY_BLOCKs, as coding moves on: `KeyBuffer`); the copy
+model below still looks at every token before w(p), so a copy is found at any depth.
 
 The code. With the k nearest keys of the state h that predicts token t (squared L2 distances
 d_1 <= ... <= d_k, tokens v_1..v_k),
@@ -39,8 +39,8 @@ sequential, so C(X·Y) = C(X) + C(Y|X) and C(X) alone is the X part of C(X·Y).
 Keys. With `dims` a state is first projected on the vocabulary head's top `dims` right singular
 vectors (`head_basis`, computed from the weights alone): the directions the logits respond to
 most, so SmolLM2's 576 dimensions become 128 and the search past the horizon costs 2.2× less
-(0.71 ms a token instead of 1.58: choosing the top k costs the same at any width). Then it is rounded
-to fp16, queries and keys alike, so a key takes 256 B for SmolLM2 (1.2 KB unprojected, 2.3 KB in
+(0.71 ms a token instead of 1.58: choosing the top k costs the same at any width). Then it is
+rounded to fp16, queries and keys alike, so a key takes 256 B for SmolLM2 (1.2 KB unprojected, 2.3 KB in
 fp32; a horizon of 262,144 tokens: ~70 MB); distances are computed in fp32 from the rounded
 values. Projection and rounding are part of the code: a decoder does the same. What the rounding
 changes is measured by benchmarks/memory_scaling.py precision (docs/BENCHMARKS.md: under 2 bits of
@@ -628,7 +628,7 @@ class MemoryCompressor:
         self.windows_per_step = windows_per_step  # windows per engine call: bounds the states held at once
         self.digest = RecentDigests()
         self.info = lm.info.with_mode("memory")
-        self.basis = head_basis(lm.head_weight, params.dims, params.scaled) if params.dims else None
+        self.basis = head_basis(lm.head_weight, params.dims, params.scaled).to(lm.device) if params.dims else None
         self.key_dim = params.dims or lm.hidden_size
 
     def keys_of(self, states: torch.Tensor) -> torch.Tensor:
@@ -636,8 +636,8 @@ class MemoryCompressor:
         with fp16 values (projected first if the parameters say so; batch-invariant on the CPU)."""
         states = states.to(self.lm.device)
         if self.basis is not None:
-            basis = self.basis.to(states.device)
-            states = tiled_matmul(states.float(), basis) if states.device.type == "cpu" else states.float() @ basis
+            on_cpu = states.device.type == "cpu"
+            states = tiled_matmul(states.float(), self.basis) if on_cpu else states.float() @ self.basis
         return states.to(KEY_DTYPE).float()
 
     def encode(self, text: str) -> Symbols:
