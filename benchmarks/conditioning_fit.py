@@ -18,10 +18,15 @@ lowest wins. Adam, 800 steps, from (3, -1, 0.5, T = 5, α = 0, β = 1). Prints t
 
     python benchmarks/conditioning_fit.py --cases /tmp/r8-cases.pt   # 22 min on one CPU thread, then ~1 min an order
 
+`--ngram=3,2,1,0` adds the n-gram cache (models/ngram.py) of orders 0..K for each K listed (-1:
+none), its parameters (ln β_k and a_k for each order, from 0 and -3, and b from 0) fitted with all
+the others, by the same rule: `--orders 3 --dims 128 --ngram=3,2,1,0 --cases …`, ~1 min a fit.
+
 `--mode adapt` fits the copy model of `adapt` mode (models/adapt.py) on the same cases: the
-adapted LM's bits of each case (the shipped `adapt` parameters without a copy model) are computed
-once, and (α, β) minimise the mean over cases of log(C_with copy / C_without) — the same rule, as
-the LM part does not depend on them — for each order; the lowest wins.
+adapted LM's bits of each case (the shipped `adapt` parameters without a copy model or n-gram
+cache) are computed once, and (α, β), with `--ngram` the n-gram cache's parameters too, minimise
+the mean over cases of log(C_with them / C_without) — the same rule, as the LM part does not
+depend on them — for each order; the lowest wins.
 
     python benchmarks/conditioning_fit.py --mode adapt --threads 2 --cases /tmp/r8-adapt-cases.pt
 """
@@ -39,6 +44,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -57,7 +63,10 @@ from models.memory import (  # noqa: E402
     copy_predictions,
     mixture_bits,
 )
+from models.ngram import ngram_counts, ngram_mixture, token_bits  # noqa: E402
 from models.protocol import Conditioning  # noqa: E402
+
+VOCAB = 49152  # SmolLM2's: the n-gram cache's uniform floor and its keys' width
 
 
 @dataclasses.dataclass
@@ -153,24 +162,40 @@ def adapt_cases_for(compressor: AdaptCompressor, texts: dict[str, list[str]], se
     return out
 
 
-def fit_copy(cases: dict[str, AdaptCase], order: int, steps: int = 800) -> dict[str, object]:
-    """The copy model's (α, β) for `adapt`, minimising the mean log(C_with copy / C_without)."""
-    values = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (0.0, 1.0)]
+def fit_copy(cases: dict[str, AdaptCase], order: int, steps: int = 800, ngram: int = -1) -> dict[str, object]:
+    """The copy model's (α, β) for `adapt`, and with an n-gram cache of orders 0..`ngram` (ln β_k,
+    a_k, b), minimising the mean log(C_with them / C_without)."""
+    start = (0.0, 1.0) + ((*[0.0] * (ngram + 1), *[-3.0] * (ngram + 1), 0.0) if ngram >= 0 else ())
+    values = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in start]
     copy = copies(cases, order)
+    counts = ngram_counts_of(cases, ngram) if ngram >= 0 else {}
     optimizer = torch.optim.Adam(values, lr=0.05)
     for _ in range(steps):
-        params = SimpleNamespace(copy_bias=values[0], copy_length=values[1], copy_max=0.9999)
-        ratios = [with_copy(c, params, copy[n]) / c.bits.sum() for n, c in cases.items()]
+        params = _copy_params(values, ngram)
+        ratios = [with_copy(c, params, copy[n], counts.get(n)) / c.bits.sum() for n, c in cases.items()]
         loss = sum(torch.log(r) for r in ratios) / len(cases)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    params = SimpleNamespace(copy_bias=values[0].item(), copy_length=values[1].item(), copy_max=0.9999)
-    return {"params": params, "loss": float(loss.detach()), "copy": copy}
+    params = _copy_params([v.detach() for v in values], ngram)
+    return {"params": params, "loss": float(loss.detach()), "copy": copy, "counts": counts}
 
 
-def with_copy(case: AdaptCase, params: object, copy: tuple) -> torch.Tensor:
-    return copy_mixture(case.bits, case.targets, *copy, params).sum()  # type: ignore[arg-type]
+def _copy_params(values: list[torch.Tensor], ngram: int) -> SimpleNamespace:
+    m = ngram + 1
+    rest = values[2:]
+    return SimpleNamespace(
+        copy_bias=values[0], copy_length=values[1], copy_max=0.9999,
+        ngram_smoothing=[torch.exp(v) for v in rest[:m]], ngram_bias=torch.stack(rest[m : 2 * m]) if m else (),
+        ngram_count=rest[2 * m] if m else 0.0, ngram_max=0.9999,
+    )  # fmt: skip
+
+
+def with_copy(case: AdaptCase, params: object, copy: tuple, counts: tuple | None = None) -> torch.Tensor:
+    bits = copy_mixture(case.bits, case.targets, *copy, params)  # type: ignore[arg-type]
+    if counts is not None:
+        bits = ngram_mixture(bits, *counts, params, VOCAB)  # type: ignore[arg-type]
+    return bits.sum()
 
 
 def copies(cases: dict, order: int) -> dict[str, tuple]:
@@ -185,34 +210,56 @@ def copies(cases: dict, order: int) -> dict[str, tuple]:
     return out
 
 
-def total_bits(case: Case, params: object, copy: tuple = (None, None)) -> torch.Tensor:
+def total_bits(case: Case, params: object, copy: tuple = (None, None), counts: tuple | None = None) -> torch.Tensor:
     f = case.found
     bits, _ = mixture_bits(f.lm_bits, f.targets, f.distances, f.tokens, f.has_memory, case.run, params, *copy)
+    if counts is not None:
+        bits = ngram_mixture(bits, *counts, params, VOCAB)
     return bits.sum()
 
 
-def fit(cases: dict[str, Case], k: int, order: int = 0, steps: int = 800) -> dict[str, float]:
-    """(a, b, c, T), and with a copy model of `order` tokens (α, β), minimising the mean log ratio."""
+def ngram_counts_of(cases: dict[str, Case], order: int) -> dict[str, tuple]:
+    """name -> the n-gram cache's counts (models/ngram.py) of each case's coded tokens, over the
+    positions of its sequence before each one's window (X's included, as X's index gives them to a Y)."""
+    width, out = token_bits(VOCAB), {}
+    for name, case in cases.items():
+        followed, occurred, _ = ngram_counts(np.asarray(case.sequence), case.first, case.limits.numpy(), order, width)
+        out[name] = (followed, occurred)
+    return out
+
+
+def fit(cases: dict[str, Case], k: int, order: int = 0, steps: int = 800, ngram: int = -1) -> dict[str, object]:
+    """(a, b, c, T), with a copy model of `order` tokens (α, β), and with an n-gram cache of
+    orders 0..`ngram` (ln β_k, a_k, b), minimising the mean log ratio."""
     start = (3.0, -1.0, 0.5, math.log(5.0)) + ((0.0, 1.0) if order else ())
+    start += (*[0.0] * (ngram + 1), *[-3.0] * (ngram + 1), 0.0) if ngram >= 0 else ()
     values = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in start]
     copy = copies(cases, order) if order else {}
+    counts = ngram_counts_of(cases, ngram) if ngram >= 0 else {}
     optimizer = torch.optim.Adam(values, lr=0.05)
     for _ in range(steps):
-        params = _params(values, k, order)
-        ratios = [total_bits(c, params, copy.get(n, (None, None))) / c.context_bits for n, c in cases.items()]
+        params = _params(values, k, order, ngram)
+        ratios = [
+            total_bits(c, params, copy.get(n, (None, None)), counts.get(n)) / c.context_bits for n, c in cases.items()
+        ]
         loss = sum(torch.log(r) for r in ratios) / len(cases)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return {"params": _params([v.detach() for v in values], k, order), "loss": float(loss.detach()), "copy": copy}
+    params = _params([v.detach() for v in values], k, order, ngram)
+    return {"params": params, "loss": float(loss.detach()), "copy": copy, "counts": counts}
 
 
-def _params(values: list[torch.Tensor], k: int, order: int) -> SimpleNamespace:
+def _params(values: list[torch.Tensor], k: int, order: int, ngram: int = -1) -> SimpleNamespace:
     a, b, c, log_t = values[:4]
-    alpha, beta = values[4:] if order else (0.0, 0.0)
+    alpha, beta = values[4:6] if order else (0.0, 0.0)
+    rest = values[6:] if order else values[4:]
+    m = ngram + 1
     return SimpleNamespace(
         bias=a, distance=b, run=c, temperature=torch.exp(log_t), max_weight=0.9999, k=k,
         order=order, copy_bias=alpha, copy_length=beta, copy_max=0.9999,
+        ngram_smoothing=[torch.exp(v) for v in rest[:m]], ngram_bias=torch.stack(rest[m : 2 * m]) if m else (),
+        ngram_count=rest[2 * m] if m else 0.0, ngram_max=0.9999,
     )  # fmt: skip
 
 
@@ -227,6 +274,7 @@ def main() -> int:
     ap.add_argument("--dims", type=int, default=0, help="memory: keys projected on the head's top DIMS directions")
     ap.add_argument("--scaled", action="store_true", help="memory, with --dims: scaled by their singular values")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--ngram", default="-1", help="memory: n-gram cache orders K to fit, 0..K (-1: none)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -254,25 +302,33 @@ def main() -> int:
     print(f"# neighbours of {tokens} tokens in {time.time() - started:.0f} s")
     results = {}
     for order in (int(o) for o in args.orders.split(",")):
-        results[order] = r = fit(cases, k, order)
-        p = r["params"]
-        copy = f", order={order}, copy_bias={p.copy_bias:.3g}, copy_length={p.copy_length:.3g}" if order else ""
-        print(
-            f"MemoryParams(k={k}, temperature={p.temperature:.3g}, bias={p.bias:.3g}, "
-            f"distance={p.distance:.3g}, run={p.run:.3g}{copy})   mean log ratio {r['loss']:.4f}"
-        )
-    order = min(results, key=lambda o: results[o]["loss"])
-    best = results[order]
-    print(f"# lowest: order {order}")
+        for ngram in (int(g) for g in args.ngram.split(",")):
+            results[(order, ngram)] = r = fit(cases, k, order, ngram=ngram)
+            p = r["params"]
+            copy = f", order={order}, copy_bias={p.copy_bias:.3g}, copy_length={p.copy_length:.3g}" if order else ""
+            grams = (
+                f", ngram_smoothing={tuple(round(float(v), 3) for v in p.ngram_smoothing)}, "
+                f"ngram_bias={tuple(round(float(v), 3) for v in p.ngram_bias)}, ngram_count={float(p.ngram_count):.3g}"
+                if ngram >= 0
+                else ""
+            )
+            print(
+                f"MemoryParams(k={k}, temperature={p.temperature:.3g}, bias={p.bias:.3g}, "
+                f"distance={p.distance:.3g}, run={p.run:.3g}{copy}{grams})   mean log ratio {r['loss']:.4f}",
+                flush=True,
+            )
+    best_key = min(results, key=lambda o: results[o]["loss"])
+    best = results[best_key]
+    print(f"# lowest: copy order {best_key[0]}, n-gram order {best_key[1]}")
     for name, case in cases.items():
-        mem = float(total_bits(case, best["params"], best["copy"].get(name, (None, None))))
+        mem = float(total_bits(case, best["params"], best["copy"].get(name, (None, None)), best["counts"].get(name)))
         ctx = case.context_bits
         print(f"{name:24s} context {ctx:10.0f} bits   memory {mem:10.0f}   ratio {mem / ctx:.3f}")
     return 0
 
 
 def main_adapt(args: argparse.Namespace, started: float) -> int:
-    base = dataclasses.replace(ADAPT[args.model], order=0)
+    base = dataclasses.replace(ADAPT[args.model], order=0, ngram_smoothing=(), ngram_bias=())
     if args.cases and Path(args.cases).exists():
         cases = torch.load(args.cases, weights_only=False)
     else:
@@ -288,16 +344,23 @@ def main_adapt(args: argparse.Namespace, started: float) -> int:
     print(f"# the adapted LM's bits of {tokens} tokens in {time.time() - started:.0f} s")
     results = {}
     for order in (int(o) for o in args.orders.split(",") if int(o)):
-        results[order] = r = fit_copy(cases, order)
-        p = r["params"]
-        print(f"order={order}, copy_bias={p.copy_bias:.3g}, copy_length={p.copy_length:.3g}   "
-              f"mean log ratio {r['loss']:.4f}")  # fmt: skip
-    order = min(results, key=lambda o: results[o]["loss"])
-    best = results[order]
-    print(f"# lowest: order {order}")
+        for ngram in (int(g) for g in args.ngram.split(",")):
+            results[(order, ngram)] = r = fit_copy(cases, order, ngram=ngram)
+            p = r["params"]
+            grams = (
+                f", ngram_smoothing={tuple(round(float(v), 3) for v in p.ngram_smoothing)}, "
+                f"ngram_bias={tuple(round(float(v), 3) for v in p.ngram_bias)}, ngram_count={float(p.ngram_count):.3g}"
+                if ngram >= 0
+                else ""
+            )
+            print(f"order={order}, copy_bias={p.copy_bias:.3g}, copy_length={p.copy_length:.3g}{grams}   "
+                  f"mean log ratio {r['loss']:.4f}", flush=True)  # fmt: skip
+    key = min(results, key=lambda o: results[o]["loss"])
+    best = results[key]
+    print(f"# lowest: copy order {key[0]}, n-gram order {key[1]}")
     for name, case in cases.items():
         plain = float(case.bits.sum())
-        mixed = float(with_copy(case, best["params"], best["copy"][name]))
+        mixed = float(with_copy(case, best["params"], best["copy"][name], best["counts"].get(name)))
         print(f"{name:24s} adapt {plain:10.0f} bits   with the copy model {mixed:10.0f}   ratio {mixed / plain:.3f}")
     return 0
 

@@ -31,10 +31,11 @@ class Settings(BaseSettings):
 
     # Conditioning on a dataset (`conditioning`: memory, adapt); models/memory.py, models/adapt.py
     # Bytes of token memories kept per model: fp16 keys of the tokens within the horizon of what
-    # follows (for SmolLM2 at most 262,144 + 6,144 tokens x 260 B, ~70 MB) and <= 33 B a token
-    # (tokens, bits, the copy model's index), so 1 GiB holds ~10 memories of 4 MiB datasets (~1M
-    # tokens: ~70 MB of keys and ~33 MB besides) or many smaller ones; one over the bound is built
-    # once per call, not kept. Keys on the model's device, the rest in RAM (counted together).
+    # follows (for SmolLM2 at most 262,144 + 6,144 tokens x 260 B, ~70 MB) and <= 97 B a token
+    # (tokens, bits, the copy model's index, the n-gram cache's: ~80 B for English), so 1 GiB holds
+    # ~6 memories of 4 MiB datasets (~1M tokens: ~70 MB of keys and <= 97 MB besides) or many
+    # smaller ones; one over the bound is built once per call, not kept. Keys on the model's
+    # device, the rest in RAM (counted together).
     memory_cache_bytes: int = 1 << 30
     adapt_cache_bytes: int = 256 << 20  # trained adapter states (a few MB each, + 24 B a token of X) kept per model
 

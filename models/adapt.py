@@ -52,6 +52,9 @@ from torch import nn
 from models.batching import window_spans
 from models.lm import Joined, LMCompressor, token_ids
 from models.memory import CopyIndex, RecentDigests, copy_mixture, copy_predictions
+from models.ngram import NGramIndex, max_order, ngram_counts, ngram_mixture, token_bits
+from models.ngram import describe as ngram_describe
+from models.ngram import key_part as ngram_key_part
 from models.protocol import Progress, Segment, SegmentBits, Symbols
 
 log = logging.getLogger(__name__)
@@ -74,9 +77,19 @@ class AdaptParams:
     copy_bias: float = 0.0  # α
     copy_length: float = 0.0  # β, the weight of ln(tokens the copy has matched)
     copy_max: float = 0.9999  # μ_max
+    # The n-gram cache (models/ngram.py, as in `memory` mode): β_0..β_K (empty: none), a_0..a_K, b, ν_max.
+    ngram_smoothing: tuple[float, ...] = ()
+    ngram_bias: tuple[float, ...] = ()
+    ngram_count: float = 0.0
+    ngram_max: float = 0.9999
+
+    @property
+    def ngram_order(self) -> int:
+        """K: the n-gram cache counts contexts of 0..K tokens (-1: no n-gram cache)."""
+        return len(self.ngram_smoothing) - 1
 
     def as_dict(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "blocks": "the scored part of each sliding window, cut where X ends and Y begins",
             "trains": f"LoRA rank {self.rank} on {', '.join(TARGETS)} of the last {self.layers} blocks",
             "optimizer": f"Adam, learning rate {self.lr}, {self.steps} step(s) per block, mean cross-entropy",
@@ -85,17 +98,15 @@ class AdaptParams:
                 "training on through Y's blocks"
             ),
             "seed": self.seed,
-        } | (
-            {
-                "copy": (
-                    f"mixed with the token after the latest earlier occurrence (anywhere before the window) of "
-                    f"the last {self.order} tokens, followed while it predicts right"
-                ),
-                "copy_weight": f"{self.copy_max} * sigmoid({self.copy_bias} + {self.copy_length} * ln(tokens matched))",
-            }
-            if self.order
-            else {}
-        )
+        }
+        if self.order:
+            out["copy"] = (
+                f"mixed with the token after the latest earlier occurrence (anywhere before the window) of "
+                f"the last {self.order} tokens, followed while it predicts right"
+            )
+            weight = f"sigmoid({self.copy_bias} + {self.copy_length} * ln(tokens matched))"
+            out["copy_weight"] = f"{self.copy_max} * {weight}"
+        return out | ngram_describe(self)
 
     def _replay_text(self) -> str:
         return f"{self.replay} more pass(es) over X's blocks" if self.replay else "no more passes"
@@ -105,6 +116,7 @@ class AdaptParams:
         raw = f"{self.layers}:{self.rank}:{self.lr}:{self.steps}:{self.replay}:{self.seed}"
         if self.order:
             raw += f":{self.order}:{self.copy_bias}:{self.copy_length}:{self.copy_max}"
+        raw += ngram_key_part(self)
         return "adapt" + hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 
@@ -157,8 +169,9 @@ class AdaptState:
     optimizer: dict  # torch.optim.Adam state_dict
     bits: float  # code length of what was coded to get here
     copy_state: tuple[int, int] = (-1, 0)  # the copy model after the last token: (pointer, tokens matched)
-    tokens: np.ndarray | None = None  # with a copy model: the tokens coded to get here (int64)
+    tokens: np.ndarray | None = None  # with a copy model or n-gram cache: the tokens coded to get here (int64)
     copy_index: CopyIndex | None = None  # with a copy model: its lookup of those tokens' positions
+    ngram_index: NGramIndex | None = None  # with an n-gram cache: its index of those tokens' positions
 
     @property
     def nbytes(self) -> int:
@@ -166,6 +179,7 @@ class AdaptState:
         total += (self.tokens.nbytes if self.tokens is not None else 0) + (
             self.copy_index.nbytes if self.copy_index is not None else 0
         )
+        total += self.ngram_index.nbytes if self.ngram_index is not None else 0
         for s in self.optimizer.get("state", {}).values():
             total += sum(t.numel() * t.element_size() for t in s.values() if isinstance(t, torch.Tensor))
         return total
@@ -208,6 +222,9 @@ class AdaptCompressor:
         self._layers = attach(lm.body, params.layers)
         self._blocks = list(lm.body.layers)[-params.layers :]  # type: ignore[attr-defined]
         self._reuse: bool | None = None  # see _reuse_ok
+        self.vocab = int(lm.head_weight.shape[0])
+        if params.ngram_order > max_order(self.vocab):
+            raise ValueError(f"an n-gram cache of order {params.ngram_order} needs keys over 64 bits here")
 
     def encode(self, text: str) -> Symbols:
         return self.lm.encode(text)
@@ -267,7 +284,7 @@ class AdaptCompressor:
         bits (`lm_bits`) mixed with the copy model (if any). Returns the bits of tokens[start:]
         and the state after them (with `before`'s bits added)."""
         bits, limits, state = self.lm_bits(tokens, start, before, progress, train_last)
-        if self.params.order:
+        if self.params.order or self.params.ngram_smoothing:
             bits, state = self._copy(tokens, start, limits, bits, before, state)
         total = float(bits.sum())
         state.bits = total + (before.bits if before is not None else 0.0)
@@ -317,20 +334,34 @@ class AdaptCompressor:
     ) -> tuple[torch.Tensor, AdaptState]:
         """The bits of tokens[start:] mixed with the copy model's predictions (models/memory.py),
         which follow the latest earlier occurrence of the last `order` tokens before each token's
-        window (`limits`); and `state` with the copy model's state, the tokens and their lookup (X's are kept
-        with X's state, so a Y after X hashes and sorts only its own positions)."""
+        window (`limits`), then with the n-gram cache (models/ngram.py), if the parameters have
+        them; and `state` with the copy model's state, the tokens, their lookup and their n-gram
+        counts (X's are kept with X's state, so a Y after X hashes and sorts only its own positions)."""
         if before is None:
-            seq, copy_state, earlier = token_ids(tokens).numpy(), (-1, 0), None
-        else:  # X's state: it holds X's tokens (`start` of them) and their lookup
+            seq, copy_state, earlier, grams = token_ids(tokens).numpy(), (-1, 0), None, None
+        else:  # X's state: it holds X's tokens (`start` of them), their lookup and counts
             assert before.tokens is not None and len(before.tokens) == start
             seq = np.concatenate([before.tokens, token_ids(tokens[start:]).numpy()])
-            copy_state, earlier = before.copy_state, before.copy_index
-        predicted, matched, copy_state, index = copy_predictions(
-            seq, start, limits, self.params.order, copy_state, earlier
+            copy_state, earlier, grams = before.copy_state, before.copy_index, before.ngram_index
+        index = None
+        if self.params.order:
+            predicted, matched, copy_state, index = copy_predictions(
+                seq, start, limits, self.params.order, copy_state, earlier
+            )
+            bits = copy_mixture(bits, torch.from_numpy(seq[start:]), predicted, matched, self.params)
+        if self.params.ngram_smoothing:
+            followed, occurred, grams = ngram_counts(
+                seq, start, limits.numpy(), self.params.ngram_order, token_bits(self.vocab), grams
+            )
+            bits = ngram_mixture(bits, followed, occurred, self.params, self.vocab)
+        # The lookup and the index cover this call's positions: all of them only when nothing came before.
+        return bits, replace(
+            state,
+            copy_state=copy_state,
+            tokens=seq,
+            copy_index=index if start == 0 else None,
+            ngram_index=grams if start == 0 else None,
         )
-        bits = copy_mixture(bits, torch.from_numpy(seq[start:]), predicted, matched, self.params)
-        # The lookup covers this call's positions: all of them only when nothing came before.
-        return bits, replace(state, copy_state=copy_state, tokens=seq, copy_index=index if start == 0 else None)
 
     def _replay(self, tokens: Sequence[int], coded: AdaptState, progress: Progress | None) -> AdaptState:
         """`replay` more training passes over the blocks of `tokens`, from the state after coding
@@ -347,7 +378,13 @@ class AdaptCompressor:
                     if progress is not None:
                         progress(b - first, 0)
         snapshot = self._snapshot(params, optimizer, coded.bits)
-        return replace(snapshot, copy_state=coded.copy_state, tokens=coded.tokens, copy_index=coded.copy_index)
+        return replace(
+            snapshot,
+            copy_state=coded.copy_state,
+            tokens=coded.tokens,
+            copy_index=coded.copy_index,
+            ngram_index=coded.ngram_index,
+        )
 
     def _spans(self, n: int, start: int) -> list[tuple[int, int, int]]:
         """The blocks that code tokens[start:] of n tokens: (window start, end, first position

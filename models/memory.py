@@ -30,10 +30,17 @@ one more per right prediction),
     p'(t) = (1 - μ) p(t) + μ [t = the predicted token]
 
 It carries a copy across record boundaries, where every record's start looks alike to the
-hidden states (a separator) and the nearest keys pick any record. Everything λ, p_mem and μ
-depend on is known to a decoder before t (the states, the memory, the earlier tokens and whether
-they matched), and every part is a distribution over the vocabulary, so the mixture is a decodable
-code; a token with an empty memory (the first window) is coded by the LM alone. Coding is
+hidden states (a separator) and the nearest keys pick any record. Last, an n-gram cache
+(models/ngram.py, with `ngram_smoothing`) counts what followed every earlier occurrence of the
+last 0..K tokens before the window and blends the counts into p_ng; with weight ν,
+
+    p''(t) = (1 - ν) p'(t) + ν p_ng(t)
+
+(the phrases X repeats, counted over all their occurrences, where the copy model follows one).
+Everything λ, p_mem, μ and ν depend on is known to a decoder before t (the states, the memory,
+the earlier tokens and whether they matched), and every part is a distribution over the
+vocabulary, so the mixture is a decodable code; a token with an empty memory (the first window)
+is coded by the LM alone. Coding is
 sequential, so C(X·Y) = C(X) + C(Y|X) and C(X) alone is the X part of C(X·Y).
 
 Keys. With `dims` a state is first projected on the vocabulary head's top `dims` right singular
@@ -73,6 +80,9 @@ import torch
 from models.batching import window_spans
 from models.invariant import tiled_matmul
 from models.lm import LMCompressor, token_ids
+from models.ngram import NGramIndex, max_order, ngram_counts, ngram_mixture, token_bits
+from models.ngram import describe as ngram_describe
+from models.ngram import key_part as ngram_key_part
 from models.protocol import Progress, Segment, SegmentBits, Symbols
 
 KEY_BLOCK = 4096  # keys per distance block: fixed, so a distance never depends on the memory's size
@@ -100,9 +110,19 @@ class MemoryParams:
     horizon: int = 0  # the kNN memory holds this many tokens before the window (0: all of them)
     dims: int = 0  # keys: the states projected on the head's top `dims` right singular vectors (0: the states)
     scaled: bool = False  # with dims: each direction scaled by its singular value (distances of logits)
+    # The n-gram cache (models/ngram.py): β_0..β_K (empty: none), a_0..a_K, b, ν_max.
+    ngram_smoothing: tuple[float, ...] = ()
+    ngram_bias: tuple[float, ...] = ()
+    ngram_count: float = 0.0
+    ngram_max: float = 0.9999
+
+    @property
+    def ngram_order(self) -> int:
+        """K: the n-gram cache counts contexts of 0..K tokens (-1: no n-gram cache)."""
+        return len(self.ngram_smoothing) - 1
 
     def as_dict(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "k": self.k,
             "temperature": self.temperature,
             "distance": (
@@ -122,17 +142,16 @@ class MemoryParams:
                 f"{self.max_weight} * sigmoid({self.bias} + {self.distance} * ln(d_min + 1e-6) "
                 f"+ {self.run} * ln(1 + tokens just matched))"
             ),
-        } | (
-            {
-                "copy": (
-                    f"the token after the latest earlier occurrence (anywhere before the window) of the last "
-                    f"{self.order} tokens, followed while it predicts right"
-                ),
-                "copy_weight": f"{self.copy_max} * sigmoid({self.copy_bias} + {self.copy_length} * ln(tokens matched))",
-            }
-            if self.order
-            else {}
-        )
+        }
+        if self.order:
+            out["copy"] = (
+                f"the token after the latest earlier occurrence (anywhere before the window) of the last "
+                f"{self.order} tokens, followed while it predicts right"
+            )
+            weight = f"sigmoid({self.copy_bias} + {self.copy_length} * ln(tokens matched))"
+            out["copy_weight"] = f"{self.copy_max} * {weight}"
+        out |= ngram_describe(self)
+        return out
 
     @property
     def key(self) -> str:
@@ -142,6 +161,7 @@ class MemoryParams:
             raw += f":{self.dims}:{self.scaled}"
         if self.order:
             raw += f":{self.order}:{self.copy_bias}:{self.copy_length}:{self.copy_max}"
+        raw += ngram_key_part(self)
         return "mem" + hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 
@@ -157,11 +177,15 @@ class Memory:
     copy_state: tuple[int, int] = (-1, 0)  # the copy model after the last token: (pointer, tokens matched)
     key_offset: int = 0  # keys[0] is row key_offset's (rows below it are beyond every later token's horizon)
     copy_index: CopyIndex | None = None  # the copy model's lookup of every position (None: rebuilt when needed)
+    ngram_index: NGramIndex | None = None  # the n-gram cache's index of every position (None: rebuilt)
 
     @property
     def nbytes(self) -> int:
         tensors = sum(t.numel() * t.element_size() for t in (self.keys, self.norms, self.values, self.bits, self.hits))
-        return tensors + (self.copy_index.nbytes if self.copy_index is not None else 0)
+        tables = (self.copy_index.nbytes if self.copy_index is not None else 0) + (
+            self.ngram_index.nbytes if self.ngram_index is not None else 0
+        )
+        return tensors + tables
 
     def run_at_end(self) -> int:
         """Tokens matched in a row at the end of the sequence."""
@@ -630,6 +654,9 @@ class MemoryCompressor:
         self.info = lm.info.with_mode("memory")
         self.basis = head_basis(lm.head_weight, params.dims, params.scaled).to(lm.device) if params.dims else None
         self.key_dim = params.dims or lm.hidden_size
+        self.vocab = int(lm.head_weight.shape[0])
+        if params.ngram_order > max_order(self.vocab):
+            raise ValueError(f"an n-gram cache of order {params.ngram_order} needs keys over 64 bits here")
 
     def keys_of(self, states: torch.Tensor) -> torch.Tensor:
         """Final hidden states (n, hidden) as memory keys and queries, float32 on the memory's device
@@ -688,7 +715,8 @@ class MemoryCompressor:
         """Code the tokens that follow those `before` holds (none: a sequence of its own);
         returns the memory of the tokens coded, with their bits. The kNN part of the mixture is
         applied a step at a time, so only a step's neighbours are ever held (not k of them for
-        every token: ~200 B a token); the copy model then runs over the whole sequence."""
+        every token: ~200 B a token); the copy model and the n-gram cache then run over the whole
+        sequence."""
         sequence = _sequence(following, before)
         start, n = len(sequence) - len(following), len(following)
         own = KeyBuffer(self.key_dim, self.lm.device)
@@ -703,17 +731,26 @@ class MemoryCompressor:
             )
             limits[rows] = step_limits
             run = _run_after(hits[rows], run)
-        index = None
+        index = grams = None
         if self.params.order:
             earlier = before.copy_index if before is not None else None
             predicted, matched, state, index = copy_predictions(
                 sequence.numpy(), start, limits, self.params.order, state, earlier
             )
-            del limits
             bits = copy_mixture(bits, targets, predicted, matched, self.params)
+        if self.params.ngram_smoothing:
+            earlier_grams = before.ngram_index if before is not None else None
+            followed, occurred, grams = ngram_counts(
+                sequence.numpy(), start, limits.numpy(), self.params.ngram_order, token_bits(self.vocab), earlier_grams
+            )
+            bits = ngram_mixture(bits, followed, occurred, self.params, self.vocab)
+        del limits
         keys, norms = own.take()
-        # The copy index covers this call's positions: all of them only when nothing came before.
-        return Memory(keys, norms, targets, bits, hits, state, own.offset, index if before is None else None)
+        # The copy model's lookup and the n-gram index cover this call's positions: all of them
+        # only when nothing came before.
+        if before is not None:
+            index = grams = None
+        return Memory(keys, norms, targets, bits, hits, state, own.offset, index, grams)
 
     def neighbours(self, tokens: Sequence[int], before: Memory | None, progress: Progress | None = None) -> Neighbours:
         """The LM's bits and the k nearest memory entries of every token after those `before`

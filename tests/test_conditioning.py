@@ -8,6 +8,7 @@ import dataclasses
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,6 +26,7 @@ from models.memory import (
     sequence_digest,
     window_starts,
 )
+from models.ngram import ngram_counts, ngram_mixture, token_bits
 from models.protocol import Segment, UnsupportedMode
 from models.tiny import tiny_compressor
 
@@ -103,8 +105,8 @@ def test_a_memory_over_the_cache_bound_is_built_once_per_call(lm, monkeypatch: p
 
 def test_the_horizon_bounds_the_knn_memory_but_not_the_copy_model(lm) -> None:
     """With a horizon the kNN memory holds only the `horizon` tokens before the window: a copy
-    further back is out of its reach, but the copy model, which sees every earlier token, still
-    finds it; a horizon longer than the sequence changes no bit."""
+    further back is out of its reach, but the copy model and the n-gram cache, which see every
+    earlier token, still find it; a horizon longer than the sequence changes no bit."""
     from models.conditioning import MEMORY
 
     tiny = MEMORY["tiny-random"]
@@ -115,9 +117,10 @@ def test_the_horizon_bounds_the_knn_memory_but_not_the_copy_model(lm) -> None:
         compressor = MemoryCompressor(lm, dataclasses.replace(tiny, **changes), 1 << 26)
         return compressor.score([Segment(x, y)])[0].target_bits / lm.score([Segment((), y)])[0].target_bits
 
-    assert ratio(order=0) < 0.5  # the kNN memory alone finds the copy...
-    assert ratio(order=0, horizon=64) > 0.9  # ...but not beyond its horizon
-    assert ratio(horizon=64) < 0.5  # the copy model does
+    assert ratio(order=0, ngram_smoothing=()) < 0.5  # the kNN memory alone finds the copy...
+    assert ratio(order=0, ngram_smoothing=(), horizon=64) > 0.9  # ...but not beyond its horizon
+    assert ratio(horizon=64, ngram_smoothing=()) < 0.5  # the copy model does
+    assert ratio(horizon=64, order=0) < 0.5  # and the n-gram cache does
     assert ratio(horizon=10_000) == ratio()
 
 
@@ -182,7 +185,9 @@ def test_a_trimmed_memory_codes_what_follows_as_the_whole_one(lm, monkeypatch: p
 def test_coding_a_step_at_a_time_gives_the_mixture_of_all_the_neighbours(lm) -> None:
     """The memory applies the kNN mixture a step of windows at a time (holding one step's
     neighbours, not every token's): the bits are exactly those of `mixture_bits` over every
-    token's neighbours at once, for X alone and for Y after X's memory, copy model included."""
+    token's neighbours at once, for X alone and for Y after X's memory, copy model included, then
+    mixed with the n-gram cache counted over the whole sequence (the mode counts X's positions for
+    Y in X's index: the same)."""
     from models.conditioning import MEMORY
     from models.memory import copy_predictions
 
@@ -192,6 +197,7 @@ def test_coding_a_step_at_a_time_gives_the_mixture_of_all_the_neighbours(lm) -> 
     params = compressor.params
     memory_x = compressor.memory(x)
     assert memory_x.copy_index is not None  # Y's copy model below looks X's positions up in it
+    assert memory_x.ngram_index is not None  # and Y's n-gram cache counts X's positions in it
     for sequence, before in ((x, None), (x + y, memory_x)):
         found = compressor.neighbours(sequence, before)
         start = len(before.values) if before is not None else 0
@@ -201,6 +207,10 @@ def test_coding_a_step_at_a_time_gives_the_mixture_of_all_the_neighbours(lm) -> 
             found.lm_bits, found.targets, found.distances, found.tokens, found.has_memory, run, params,
             predicted, matched,
         )  # fmt: skip
+        c, n, _ = ngram_counts(
+            np.asarray(sequence), start, found.limits.numpy(), params.ngram_order, token_bits(compressor.vocab)
+        )
+        expected = ngram_mixture(expected, c, n, params, compressor.vocab)
         coded = compressor._code(sequence[start:], before, None)
         assert torch.equal(coded.bits, expected) and torch.equal(coded.hits, hits)
         assert bool((predicted >= 0).any()) and bool(hits.any())  # both parts of the mixture took part
@@ -249,9 +259,12 @@ def test_memory_finds_a_copy_beyond_the_window(lm) -> None:
     c_y = lm.score([Segment((), y)])[0].target_bits
     context = lm.score([Segment(with_copy, y)])[0].target_bits / c_y
     copied = memory.score([Segment(with_copy, y)])[0].target_bits / c_y
-    absent = memory.score([Segment(without, y)])[0].target_bits / c_y
     assert context > 0.9  # the copy is 150+ tokens before Y: the 32-token window cannot see it
     assert copied < 0.5 * context
+    # No false copy, against the mode's own C(Y) (as the containment check measures it): the
+    # n-gram cache's counts of earlier tokens improve on the random LM's predictions with any X,
+    # and even with Y's own tokens alone (0.86 of the LM's C(Y) here).
+    absent = memory.score([Segment(without, y)])[0].target_bits / memory.score([Segment((), y)])[0].target_bits
     assert absent > 0.8
 
 
@@ -265,33 +278,47 @@ def test_adapt_learns_from_x(lm) -> None:
 
 
 def test_adapt_follows_a_copy_beyond_the_window(lm) -> None:
-    """`adapt`'s copy model finds Y's copy 150+ tokens before Y, where the 32-token window cannot
-    see it: C(Y|X) far below the same mode without a copy model, and no false copy without it."""
+    """`adapt`'s copy model and n-gram cache each find Y's copy 150+ tokens before Y, where the
+    32-token window cannot see it: C(Y|X) far below the same mode without them, and no false
+    copy without it."""
     params = conditioned(lm, "adapt", 0, 0).params
     assert params.order
     y = tokens(60, 31)
     with_copy, without = tokens(150, 32) + y + tokens(150, 33), tokens(150, 32) + tokens(60, 34) + tokens(150, 33)
 
-    def c(order: int, x: list[int]) -> float:
-        return AdaptCompressor(lm, dataclasses.replace(params, order=order), 0).score([Segment(x, y)])[0].target_bits
+    def c(x: list[int], **changes) -> float:
+        return AdaptCompressor(lm, dataclasses.replace(params, **changes), 0).score([Segment(x, y)])[0].target_bits
 
     c_y = lm.score([Segment((), y)])[0].target_bits
-    assert c(0, with_copy) > 0.8 * c_y  # training on X alone does not find it
-    assert c(params.order, with_copy) < 0.3 * c(0, with_copy)
-    assert c(params.order, without) > 0.8 * c_y
+    assert params.ngram_smoothing
+    alone = c(with_copy, order=0, ngram_smoothing=())
+    assert alone > 0.8 * c_y  # training on X alone does not find it
+    assert c(with_copy, ngram_smoothing=()) < 0.3 * alone  # the copy model does
+    assert c(with_copy, order=0) < 0.3 * alone  # and so does the n-gram cache
+    assert c(without, ngram_smoothing=()) > 0.8 * c_y
+    # No false copy, against the mode's own C(Y): the n-gram cache's counts of X's tokens improve
+    # on the random LM's predictions whatever X holds, as Y's own tokens do when it is coded alone.
+    y_alone = AdaptCompressor(lm, params, 0).score([Segment((), y)])[0].target_bits
+    assert c(without) > 0.8 * y_alone
 
 
 def adapt_reference(lm, params, x: list[int], y: list[int]) -> torch.Tensor:
     """Each token's bits of X·Y in `adapt` mode, computed the long way: the adapted LM's bits of X,
     then of Y after X's state, mixed with the copy model run over X·Y in one piece, each token
-    following only the tokens before its window (window limits computed here, not by the mode)."""
+    following only the tokens before its window (window limits computed here, not by the mode),
+    then with the n-gram cache counted over X·Y in one piece below the same limits (the mode
+    counts X's positions for Y in X's index)."""
     plain = AdaptCompressor(lm, dataclasses.replace(params, order=0), 0)
     x_bits, _, x_state = plain.lm_bits(x, train_last=True)
     y_bits, _, _ = plain.lm_bits(Joined(x, y), len(x), x_state)
     window = lm.window
     limits = (window_starts(torch.arange(1, len(x + y) + 1), window.context_tokens, window.stride) - 1).clamp_min(0)
     predicted, matched, _, _ = copy_predictions(x + y, 0, limits, params.order)
-    return copy_mixture(torch.cat([x_bits, y_bits]), torch.tensor(x + y), predicted, matched, params)
+    mixed = copy_mixture(torch.cat([x_bits, y_bits]), torch.tensor(x + y), predicted, matched, params)
+    if not params.ngram_smoothing:
+        return mixed
+    c, n, _ = ngram_counts(np.asarray(x + y), 0, limits.numpy(), params.ngram_order, token_bits(plain.vocab))
+    return ngram_mixture(mixed, c, n, params, plain.vocab)
 
 
 def assert_adapt_codes_as(lm, params, x: list[int], y: list[int], mixed: torch.Tensor):
