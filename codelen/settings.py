@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     # smaller ones; one over the bound is built once per call, not kept. Keys on the model's
     # device, the rest in RAM (counted together).
     memory_cache_bytes: int = 1 << 30
-    adapt_cache_bytes: int = 256 << 20  # trained adapter states (a few MB each, + 24 B a token of X) kept per model
+    adapt_cache_bytes: int = 256 << 20  # trained adapter states (a few MB each, + <= 88 B a token of X) kept per model
 
     # Batching (worker)
     batch_tokens: int | None = None  # token budget of one model batch; default 8192 on CPU, 65536 on CUDA

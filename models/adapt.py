@@ -16,8 +16,11 @@ latest earlier occurrence of the last `order` tokens anywhere before the window 
 weight μ = μ_max · σ(α + β · ln L), L the tokens that occurrence has matched, and followed while
 it predicts right. Training learns what a dataset's text is like; the copy model finds what it
 repeats verbatim, beyond the window (Y's records inside a large X), which training alone barely
-sees. It reads only the tokens, so it changes neither the training nor its cost (~2 s a million
-tokens); its state after X and its lookup of X's positions are kept with X's trained state.
+sees. Then the n-gram cache of models/ngram.py (with `ngram_smoothing`), as in `memory` mode:
+what followed every earlier occurrence, before the window, of the last 0..K tokens, counted. Both
+read only the tokens, so they change neither the training nor its cost (~2 s and ~4 s a million
+tokens); the copy model's state after X and the lookup and index of X's positions are kept with
+X's trained state.
 
 What trains: low-rank adapters (LoRA: W x + B A x, B = 0 at the start, A drawn from a seeded
 generator) on the attention and MLP projections of the last `layers` blocks, with Adam. The layers
@@ -285,7 +288,7 @@ class AdaptCompressor:
         and the state after them (with `before`'s bits added)."""
         bits, limits, state = self.lm_bits(tokens, start, before, progress, train_last)
         if self.params.order or self.params.ngram_smoothing:
-            bits, state = self._copy(tokens, start, limits, bits, before, state)
+            bits, state = self._mix_caches(tokens, start, limits, bits, before, state)
         total = float(bits.sum())
         state.bits = total + (before.bits if before is not None else 0.0)
         return total, state
@@ -323,7 +326,7 @@ class AdaptCompressor:
         limits += [torch.full((b - first,), max(a - 1, 0), dtype=torch.long) for a, b, first in spans]
         return torch.cat(blocks), torch.cat(limits), self._snapshot(params, optimizer, 0.0)
 
-    def _copy(
+    def _mix_caches(
         self,
         tokens: Sequence[int],
         start: int,

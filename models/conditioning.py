@@ -75,9 +75,22 @@ MEMORY: dict[str, MemoryParams] = {
 # "Conditioning on a dataset". The copy model (as `memory`'s): (α, β) and its order fitted on the
 # same R8 cases as `memory`'s by the same rule, the mean log ratio of C with it to C without, the
 # adapted LM's bits fixed (benchmarks/conditioning_fit.py --mode adapt; order 3 the lowest of 3, 4,
-# 6, 8): the copy of Y in X 0.013 of C(Y|X) without it, every X itself 0.983-0.999.
+# 6, 8): the copy of Y in X 0.013 of C(Y|X) without it, every X itself 0.983-0.999. The n-gram
+# cache (2026-12-01, as `memory`'s), fitted with the copy model by the same rule on the same cases:
+# orders 0..3 -0.2081 against -0.1858 without it (0..2: -0.2033, 0..1: -0.2000, 0: -0.1895).
 ADAPT: dict[str, AdaptParams] = {
-    "smollm2-135m": AdaptParams(layers=4, rank=8, lr=3e-3, steps=2, order=3, copy_bias=-4.87, copy_length=2.88),
+    "smollm2-135m": AdaptParams(
+        layers=4,
+        rank=8,
+        lr=3e-3,
+        steps=2,
+        order=3,
+        copy_bias=-4.87,
+        copy_length=3.07,
+        ngram_smoothing=(149.89, 0.341, 0.361, 0.054),
+        ngram_bias=(-0.258, -1.962, -1.407, -5.552),
+        ngram_count=-0.428,
+    ),
     "tiny-random": AdaptParams(
         layers=1,
         rank=4,
