@@ -83,6 +83,7 @@ from models.lm import LMCompressor, token_ids
 from models.ngram import NGramIndex, max_order, ngram_counts, ngram_mixture, token_bits
 from models.ngram import describe as ngram_describe
 from models.ngram import key_part as ngram_key_part
+from models.positions import PositionIndex
 from models.protocol import Progress, Segment, SegmentBits, Symbols
 
 KEY_BLOCK = 4096  # keys per distance block: fixed, so a distance never depends on the memory's size
@@ -488,21 +489,10 @@ def _ints(values: np.ndarray) -> array:
     return array("q", np.ascontiguousarray(values, dtype=np.int64).tobytes())
 
 
-@dataclass(frozen=True)
-class CopyIndex:
-    """The copy model's lookup of positions low..low + size - 1 of a sequence (low >= order): the
-    hash of the `order` tokens before each position, as the positions sorted by (hash, position),
-    so the latest position below a bound with a given hash is two binary searches away. 16 bytes a
-    position at most; a memory keeps its sequence's."""
-
-    low: int
-    size: int
-    hashes: np.ndarray  # (groups,) uint64: the distinct hashes, sorted
-    keys: np.ndarray  # (size,) int64, sorted: group × (size + 1) + position − low
-
-    @property
-    def nbytes(self) -> int:
-        return self.hashes.nbytes + self.keys.nbytes
+class CopyIndex(PositionIndex):
+    """The copy model's lookup of positions low..low + size - 1 of a sequence (low >= order): each
+    keyed by the hash of the `order` tokens before it (`PositionIndex`); a memory keeps its
+    sequence's."""
 
     @staticmethod
     def build(seq: np.ndarray, low: int, order: int) -> tuple[CopyIndex, np.ndarray]:
@@ -511,29 +501,7 @@ class CopyIndex:
         h = np.zeros(max(n - low, 0), dtype=np.uint64)
         for i in range(1, order + 1):
             h = (h * _HASH) ^ seq[low - i : n - i].astype(np.uint64)
-        by_hash = np.argsort(h, kind="stable")  # position − low, by (hash, position)
-        sorted_h = h[by_hash]
-        starts = np.ones(len(h), dtype=bool)  # where a hash's group starts
-        np.not_equal(sorted_h[1:], sorted_h[:-1], out=starts[1:])
-        group = np.cumsum(starts) - 1
-        hashes = sorted_h[starts]
-        del sorted_h, starts
-        keys = group * (len(h) + 1) + by_hash
-        return CopyIndex(low, len(h), hashes, keys), h
-
-    def latest(self, hashes: np.ndarray, below: np.ndarray) -> np.ndarray:
-        """For each hash, the latest position of the index below `below` (its entry) with that
-        hash; -1 where there is none."""
-        if self.size == 0:
-            return np.full(len(hashes), -1, dtype=np.int64)
-        width = self.size + 1
-        group = np.minimum(np.searchsorted(self.hashes, hashes), len(self.hashes) - 1)
-        ok = self.hashes[group] == hashes
-        at = np.searchsorted(self.keys, group * width + np.clip(below - self.low, 0, self.size), side="left") - 1
-        ok &= at >= 0
-        hit = self.keys[np.where(ok, at, 0)]
-        ok &= hit // width == group
-        return np.where(ok, hit % width + self.low, -1)
+        return CopyIndex.of(h, low), h  # type: ignore[return-value]
 
 
 def _latest_occurrences(

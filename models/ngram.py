@@ -17,8 +17,8 @@ of the tokens before i, so the code stays sequential and decodable.
 Counting: a context of k tokens and its successor are one exact 64-bit key ((k + 1) × the bits of
 a token id: order ≤ 3 for a 49,152-token vocabulary); no hash, so the counts are exact and the
 blend sums to one. n_k at i counts position i - 1's order-(k - 1) key (the k tokens before i) one
-position lower. Each order's positions are sorted by (key, position) once (`KeyIndex`, ≤ 16
-bytes a position an order), so a count below a bound is two binary searches; X's index is kept
+position lower. Each order's positions are sorted by (key, position) once (models/positions.py,
+≤ 16 bytes a position an order), so a count below a bound is two binary searches; X's index is kept
 with X's memory, and a Y after X sorts only its own positions.
 """
 
@@ -30,6 +30,8 @@ from typing import Protocol
 
 import numpy as np
 import torch
+
+from models.positions import PositionIndex
 
 
 class NGramWeights(Protocol):
@@ -86,49 +88,11 @@ def keys_of(seq: np.ndarray, k: int, bits: int, low: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class KeyIndex:
-    """Positions low..low + size - 1 of a sequence by their order-k key: the distinct keys, sorted,
-    and the positions sorted by (key, position) as group × (size + 1) + position − low, so the
-    count of a key's positions below a bound is two binary searches away. ≤ 16 bytes a position."""
-
-    low: int
-    size: int
-    keys: np.ndarray  # (groups,) uint64, sorted
-    entries: np.ndarray  # (size,) int64, sorted
-
-    @property
-    def nbytes(self) -> int:
-        return self.keys.nbytes + self.entries.nbytes
-
-    @staticmethod
-    def build(seq: np.ndarray, k: int, bits: int, low: int) -> KeyIndex:
-        low = max(low, k)
-        key = keys_of(seq, k, bits, low)
-        by_key = np.argsort(key, kind="stable")  # position − low, by (key, position)
-        sorted_keys = key[by_key]
-        starts = np.ones(len(key), dtype=bool)
-        np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=starts[1:])
-        group = np.cumsum(starts) - 1
-        return KeyIndex(low, len(key), sorted_keys[starts], group * (len(key) + 1) + by_key)
-
-    def count_below(self, keys: np.ndarray, below: np.ndarray) -> np.ndarray:
-        """For each key, how many positions of the index below `below` (its entry) hold it."""
-        if self.size == 0:
-            return np.zeros(len(keys), dtype=np.int64)
-        width = self.size + 1
-        group = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
-        found = self.keys[group] == keys
-        bound = group * width + np.clip(below - self.low, 0, self.size)
-        count = np.searchsorted(self.entries, bound) - np.searchsorted(self.entries, group * width)
-        return np.where(found, count, 0)
-
-
-@dataclass(frozen=True)
 class NGramIndex:
     """A sequence's positions by their key at each order 0..K (X's, kept with X's memory)."""
 
     size: int  # the sequence's tokens
-    orders: tuple[KeyIndex, ...]
+    orders: tuple[PositionIndex, ...]  # order k: positions max(low, k).. by their order-k key
 
     @property
     def nbytes(self) -> int:
@@ -137,7 +101,8 @@ class NGramIndex:
     @staticmethod
     def build(seq: np.ndarray, order: int, bits: int, low: int = 0) -> NGramIndex:
         """The index of positions low.. of seq."""
-        return NGramIndex(len(seq), tuple(KeyIndex.build(seq, k, bits, low) for k in range(order + 1)))
+        orders = (PositionIndex.of(keys_of(seq, k, bits, low), max(low, k)) for k in range(order + 1))
+        return NGramIndex(len(seq), tuple(orders))
 
 
 def ngram_counts(
