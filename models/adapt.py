@@ -55,9 +55,7 @@ from torch import nn
 from models.batching import window_spans
 from models.lm import Joined, LMCompressor, token_ids
 from models.memory import CopyIndex, RecentDigests, copy_mixture, copy_predictions
-from models.ngram import NGramIndex, max_order, ngram_counts, ngram_mixture, token_bits
-from models.ngram import describe as ngram_describe
-from models.ngram import key_part as ngram_key_part
+from models.ngram import NGramIndex, NGramParams, ngram_counts, ngram_mixture, token_bits
 from models.protocol import Progress, Segment, SegmentBits, Symbols
 
 log = logging.getLogger(__name__)
@@ -67,7 +65,7 @@ HEAD_CHUNK = 512  # positions per chunk of the training loss: bounds the logits 
 
 
 @dataclass(frozen=True)
-class AdaptParams:
+class AdaptParams(NGramParams):
     """The stated, fixed parameters of `adapt` mode (see the module docstring)."""
 
     layers: int  # LoRA in the last `layers` transformer blocks
@@ -80,16 +78,6 @@ class AdaptParams:
     copy_bias: float = 0.0  # α
     copy_length: float = 0.0  # β, the weight of ln(tokens the copy has matched)
     copy_max: float = 0.9999  # μ_max
-    # The n-gram cache (models/ngram.py, as in `memory` mode): β_0..β_K (empty: none), a_0..a_K, b, ν_max.
-    ngram_smoothing: tuple[float, ...] = ()
-    ngram_bias: tuple[float, ...] = ()
-    ngram_count: float = 0.0
-    ngram_max: float = 0.9999
-
-    @property
-    def ngram_order(self) -> int:
-        """K: the n-gram cache counts contexts of 0..K tokens (-1: no n-gram cache)."""
-        return len(self.ngram_smoothing) - 1
 
     def as_dict(self) -> dict[str, object]:
         out: dict[str, object] = {
@@ -109,7 +97,7 @@ class AdaptParams:
             )
             weight = f"sigmoid({self.copy_bias} + {self.copy_length} * ln(tokens matched))"
             out["copy_weight"] = f"{self.copy_max} * {weight}"
-        return out | ngram_describe(self)
+        return out | self.ngram_description()
 
     def _replay_text(self) -> str:
         return f"{self.replay} more pass(es) over X's blocks" if self.replay else "no more passes"
@@ -119,7 +107,7 @@ class AdaptParams:
         raw = f"{self.layers}:{self.rank}:{self.lr}:{self.steps}:{self.replay}:{self.seed}"
         if self.order:
             raw += f":{self.order}:{self.copy_bias}:{self.copy_length}:{self.copy_max}"
-        raw += ngram_key_part(self)
+        raw += self.ngram_key()
         return "adapt" + hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 
@@ -226,8 +214,7 @@ class AdaptCompressor:
         self._blocks = list(lm.body.layers)[-params.layers :]  # type: ignore[attr-defined]
         self._reuse: bool | None = None  # see _reuse_ok
         self.vocab = int(lm.head_weight.shape[0])
-        if params.ngram_order > max_order(self.vocab):
-            raise ValueError(f"an n-gram cache of order {params.ngram_order} needs keys over 64 bits here")
+        params.check_ngram(self.vocab)
 
     def encode(self, text: str) -> Symbols:
         return self.lm.encode(text)

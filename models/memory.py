@@ -80,9 +80,7 @@ import torch
 from models.batching import window_spans
 from models.invariant import tiled_matmul
 from models.lm import LMCompressor, token_ids
-from models.ngram import NGramIndex, max_order, ngram_counts, ngram_mixture, token_bits
-from models.ngram import describe as ngram_describe
-from models.ngram import key_part as ngram_key_part
+from models.ngram import NGramIndex, NGramParams, ngram_counts, ngram_mixture, token_bits
 from models.positions import PositionIndex
 from models.protocol import Progress, Segment, SegmentBits, Symbols
 
@@ -95,7 +93,7 @@ KEY_DTYPE = torch.float16  # how the memory stores a state (see the module docst
 
 
 @dataclass(frozen=True)
-class MemoryParams:
+class MemoryParams(NGramParams):
     """The stated, fixed parameters of `memory` mode for one model (see the module docstring)."""
 
     k: int  # neighbours per token
@@ -111,16 +109,6 @@ class MemoryParams:
     horizon: int = 0  # the kNN memory holds this many tokens before the window (0: all of them)
     dims: int = 0  # keys: the states projected on the head's top `dims` right singular vectors (0: the states)
     scaled: bool = False  # with dims: each direction scaled by its singular value (distances of logits)
-    # The n-gram cache (models/ngram.py): β_0..β_K (empty: none), a_0..a_K, b, ν_max.
-    ngram_smoothing: tuple[float, ...] = ()
-    ngram_bias: tuple[float, ...] = ()
-    ngram_count: float = 0.0
-    ngram_max: float = 0.9999
-
-    @property
-    def ngram_order(self) -> int:
-        """K: the n-gram cache counts contexts of 0..K tokens (-1: no n-gram cache)."""
-        return len(self.ngram_smoothing) - 1
 
     def as_dict(self) -> dict[str, object]:
         out: dict[str, object] = {
@@ -151,7 +139,7 @@ class MemoryParams:
             )
             weight = f"sigmoid({self.copy_bias} + {self.copy_length} * ln(tokens matched))"
             out["copy_weight"] = f"{self.copy_max} * {weight}"
-        out |= ngram_describe(self)
+        out |= self.ngram_description()
         return out
 
     @property
@@ -162,7 +150,7 @@ class MemoryParams:
             raw += f":{self.dims}:{self.scaled}"
         if self.order:
             raw += f":{self.order}:{self.copy_bias}:{self.copy_length}:{self.copy_max}"
-        raw += ngram_key_part(self)
+        raw += self.ngram_key()
         return "mem" + hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 
@@ -623,8 +611,7 @@ class MemoryCompressor:
         self.basis = head_basis(lm.head_weight, params.dims, params.scaled).to(lm.device) if params.dims else None
         self.key_dim = params.dims or lm.hidden_size
         self.vocab = int(lm.head_weight.shape[0])
-        if params.ngram_order > max_order(self.vocab):
-            raise ValueError(f"an n-gram cache of order {params.ngram_order} needs keys over 64 bits here")
+        params.check_ngram(self.vocab)
 
     def keys_of(self, states: torch.Tensor) -> torch.Tensor:
         """Final hidden states (n, hidden) as memory keys and queries, float32 on the memory's device

@@ -35,7 +35,7 @@ from models.positions import PositionIndex
 
 
 class NGramWeights(Protocol):
-    """The n-gram cache's parameters (`MemoryParams`): per order β_k and a_k, then b and ν_max."""
+    """What `ngram_mixture` reads: `NGramParams`, or the fit's parameters as tensors."""
 
     ngram_smoothing: Sequence[float]
     ngram_bias: Sequence[float]
@@ -43,29 +43,47 @@ class NGramWeights(Protocol):
     ngram_max: float
 
 
-def describe(params: NGramWeights) -> dict[str, str]:
-    """The n-gram cache's entries of a mode's stated parameters (none without a cache)."""
-    if not params.ngram_smoothing:
-        return {}
-    order = len(params.ngram_smoothing) - 1
-    return {
-        "ngram": (
-            f"the successors of every earlier occurrence of the last k tokens, k = 0..{order}, counted "
-            f"(c_k: of the token, n_k: of any) and blended from the uniform distribution up: "
-            f"p_k = (c_k + beta_k * p_(k-1)) / (n_k + beta_k) where n_k > 0, beta = {list(params.ngram_smoothing)}"
-        ),
-        "ngram_weight": (
-            f"{params.ngram_max} * sigmoid(a[top] + {params.ngram_count} * ln(1 + n_top)), "
-            f"a = {list(params.ngram_bias)}, top: the longest k with n_k > 0"
-        ),
-    }
+@dataclass(frozen=True, kw_only=True)
+class NGramParams:
+    """The n-gram cache's stated parameters, a part of `memory`'s and `adapt`'s (`MemoryParams`,
+    `AdaptParams`): no cache while `ngram_smoothing` is empty."""
 
+    ngram_smoothing: tuple[float, ...] = ()  # β_0..β_K
+    ngram_bias: tuple[float, ...] = ()  # a_0..a_K
+    ngram_count: float = 0.0  # b, the weight of ln(1 + n_top)
+    ngram_max: float = 0.9999  # ν_max
 
-def key_part(params: NGramWeights) -> str:
-    """The n-gram cache's part of a mode's cache key ('' without a cache)."""
-    if not params.ngram_smoothing:
-        return ""
-    return f":{tuple(params.ngram_smoothing)}:{tuple(params.ngram_bias)}:{params.ngram_count}:{params.ngram_max}"
+    @property
+    def ngram_order(self) -> int:
+        """K: the cache counts contexts of 0..K tokens (-1: no cache)."""
+        return len(self.ngram_smoothing) - 1
+
+    def ngram_description(self) -> dict[str, str]:
+        """The cache's entries of a mode's stated parameters (none without a cache)."""
+        if not self.ngram_smoothing:
+            return {}
+        return {
+            "ngram": (
+                f"the successors of every earlier occurrence of the last k tokens, k = 0..{self.ngram_order}, "
+                f"counted (c_k: of the token, n_k: of any) and blended from the uniform distribution up: "
+                f"p_k = (c_k + beta_k * p_(k-1)) / (n_k + beta_k) where n_k > 0, beta = {list(self.ngram_smoothing)}"
+            ),
+            "ngram_weight": (
+                f"{self.ngram_max} * sigmoid(a[top] + {self.ngram_count} * ln(1 + n_top)), "
+                f"a = {list(self.ngram_bias)}, top: the longest k with n_k > 0"
+            ),
+        }
+
+    def ngram_key(self) -> str:
+        """The cache's part of a mode's cache key ('' without a cache)."""
+        if not self.ngram_smoothing:
+            return ""
+        return f":{self.ngram_smoothing}:{self.ngram_bias}:{self.ngram_count}:{self.ngram_max}"
+
+    def check_ngram(self, vocab: int) -> None:
+        """Refuse an order whose keys would not fit 64 bits for this vocabulary (counts must be exact)."""
+        if self.ngram_order > max_order(vocab):
+            raise ValueError(f"an n-gram cache of order {self.ngram_order} needs keys over 64 bits here")
 
 
 def token_bits(vocab: int) -> int:
