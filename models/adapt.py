@@ -54,8 +54,8 @@ from torch import nn
 
 from models.batching import window_spans
 from models.lm import Joined, LMCompressor, token_ids
-from models.memory import CopyIndex, RecentDigests, copy_mixture, copy_predictions
-from models.ngram import NGramIndex, NGramParams, ngram_counts, ngram_mixture, token_bits
+from models.memory import CopyIndex, RecentDigests, mix_caches
+from models.ngram import NGramIndex, NGramParams
 from models.protocol import Progress, Segment, SegmentBits, Symbols
 
 log = logging.getLogger(__name__)
@@ -333,17 +333,9 @@ class AdaptCompressor:
             assert before.tokens is not None and len(before.tokens) == start
             seq = np.concatenate([before.tokens, token_ids(tokens[start:]).numpy()])
             copy_state, earlier, grams = before.copy_state, before.copy_index, before.ngram_index
-        index = None
-        if self.params.order:
-            predicted, matched, copy_state, index = copy_predictions(
-                seq, start, limits, self.params.order, copy_state, earlier
-            )
-            bits = copy_mixture(bits, torch.from_numpy(seq[start:]), predicted, matched, self.params)
-        if self.params.ngram_smoothing:
-            followed, occurred, grams = ngram_counts(
-                seq, start, limits.numpy(), self.params.ngram_order, token_bits(self.vocab), grams
-            )
-            bits = ngram_mixture(bits, followed, occurred, self.params, self.vocab)
+        bits, copy_state, index, grams = mix_caches(
+            bits, seq, start, limits, self.params, self.vocab, copy_state, earlier, grams
+        )
         # The lookup and the index cover this call's positions: all of them only when nothing came before.
         return bits, replace(
             state,

@@ -80,7 +80,7 @@ import torch
 from models.batching import window_spans
 from models.invariant import tiled_matmul
 from models.lm import LMCompressor, token_ids
-from models.ngram import NGramIndex, NGramParams, ngram_counts, ngram_mixture, token_bits
+from models.ngram import NGramIndex, NGramParams, NGramWeights, ngram_counts, ngram_mixture, token_bits
 from models.positions import PositionIndex
 from models.protocol import Progress, Segment, SegmentBits, Symbols
 
@@ -591,6 +591,46 @@ def copy_mixture(
     return out
 
 
+class CachesParams(CopyWeights, NGramWeights, Protocol):
+    """What `mix_caches` reads: the copy model's order and weights, the n-gram cache's parameters."""
+
+    order: int
+
+    @property
+    def ngram_order(self) -> int: ...
+
+
+def mix_caches(
+    bits: torch.Tensor,
+    seq: np.ndarray,
+    start: int,
+    limits: torch.Tensor,
+    params: CachesParams,
+    vocab: int,
+    copy_state: tuple[int, int],
+    copy_index: CopyIndex | None,
+    ngram_index: NGramIndex | None,
+) -> tuple[torch.Tensor, tuple[int, int], CopyIndex | None, NGramIndex | None]:
+    """`bits` (of seq[start:], float64) mixed with the copy model (if `params.order`), then with
+    the n-gram cache (if it has one), each seeing the positions below `limits`: how `memory` and
+    `adapt` both end their code. `copy_state` is the copy model's after seq[start - 1];
+    `copy_index` and `ngram_index` index seq[:start] if the caller kept them. Returns the bits, the
+    copy model's state after the last token, and the lookup and index of the positions this call
+    indexed (all of seq's when nothing came before)."""
+    targets = torch.from_numpy(seq[start:])
+    if params.order:
+        predicted, matched, copy_state, copy_index = copy_predictions(
+            seq, start, limits, params.order, copy_state, copy_index
+        )
+        bits = copy_mixture(bits, targets, predicted, matched, params)
+    if params.ngram_smoothing:
+        followed, occurred, ngram_index = ngram_counts(
+            seq, start, limits.numpy(), params.ngram_order, token_bits(vocab), ngram_index
+        )
+        bits = ngram_mixture(bits, followed, occurred, params, vocab)
+    return bits, copy_state, copy_index, ngram_index
+
+
 class MemoryCompressor:
     """The `Compressor` of a language model in `memory` mode (see the module docstring).
 
@@ -671,7 +711,7 @@ class MemoryCompressor:
         returns the memory of the tokens coded, with their bits. The kNN part of the mixture is
         applied a step at a time, so only a step's neighbours are ever held (not k of them for
         every token: ~200 B a token); the copy model and the n-gram cache then run over the whole
-        sequence."""
+        sequence (`mix_caches`)."""
         sequence = _sequence(following, before)
         start, n = len(sequence) - len(following), len(following)
         own = KeyBuffer(self.key_dim, self.lm.device)
@@ -686,19 +726,17 @@ class MemoryCompressor:
             )
             limits[rows] = step_limits
             run = _run_after(hits[rows], run)
-        index = grams = None
-        if self.params.order:
-            earlier = before.copy_index if before is not None else None
-            predicted, matched, state, index = copy_predictions(
-                sequence.numpy(), start, limits, self.params.order, state, earlier
-            )
-            bits = copy_mixture(bits, targets, predicted, matched, self.params)
-        if self.params.ngram_smoothing:
-            earlier_grams = before.ngram_index if before is not None else None
-            followed, occurred, grams = ngram_counts(
-                sequence.numpy(), start, limits.numpy(), self.params.ngram_order, token_bits(self.vocab), earlier_grams
-            )
-            bits = ngram_mixture(bits, followed, occurred, self.params, self.vocab)
+        bits, state, index, grams = mix_caches(
+            bits,
+            sequence.numpy(),
+            start,
+            limits,
+            self.params,
+            self.vocab,
+            state,
+            before.copy_index if before is not None else None,
+            before.ngram_index if before is not None else None,
+        )
         del limits
         keys, norms = own.take()
         # The copy model's lookup and the n-gram index cover this call's positions: all of them
