@@ -34,6 +34,15 @@ from models.protocol import CONTEXT, Compressor, Conditioning, WindowPolicy
 # -0.2340); the rule set before the fits: keep the lowest if it gains at least 0.005. Its fitted
 # weights use it mostly where the last 3 tokens never occurred before the window but shorter
 # contexts did (a[3] = -7.1: where they did, the copy model has it).
+# The tiny random model of the tests: one copy model and n-gram cache for both modes.
+_TINY_CACHES: dict = {
+    "order": 3,
+    "copy_bias": 0.0,
+    "copy_length": 1.0,
+    "ngram_smoothing": (1.0, 1.0, 1.0, 1.0),
+    "ngram_bias": (-3.0, -2.0, -1.0, 0.0),
+    "ngram_count": 0.5,
+}
 MEMORY: dict[str, MemoryParams] = {
     "smollm2-135m": MemoryParams(
         k=16,
@@ -51,19 +60,7 @@ MEMORY: dict[str, MemoryParams] = {
         ngram_count=-0.106,
     ),
     # The tiny random model of the tests: distances of its 64-wide states are about 50 to 500.
-    "tiny-random": MemoryParams(
-        k=8,
-        temperature=10.0,
-        bias=8.0,
-        distance=-2.0,
-        run=1.0,
-        order=3,
-        copy_bias=0.0,
-        copy_length=1.0,
-        ngram_smoothing=(1.0, 1.0, 1.0, 1.0),
-        ngram_bias=(-3.0, -2.0, -1.0, 0.0),
-        ngram_count=0.5,
-    ),
+    "tiny-random": MemoryParams(k=8, temperature=10.0, bias=8.0, distance=-2.0, run=1.0, **_TINY_CACHES),
 }
 # Chosen on R8 (4 classes, X = 60 texts, Y = 8 texts) by the rule "lowest prequential code of X
 # within twice the CPU time of one training step per block": lr 3e-3 with 2 steps coded X in
@@ -91,18 +88,7 @@ ADAPT: dict[str, AdaptParams] = {
         ngram_bias=(-0.258, -1.962, -1.407, -5.552),
         ngram_count=-0.428,
     ),
-    "tiny-random": AdaptParams(
-        layers=1,
-        rank=4,
-        lr=1e-2,
-        steps=1,
-        order=3,
-        copy_bias=0.0,
-        copy_length=1.0,
-        ngram_smoothing=(1.0, 1.0, 1.0, 1.0),
-        ngram_bias=(-3.0, -2.0, -1.0, 0.0),
-        ngram_count=0.5,
-    ),
+    "tiny-random": AdaptParams(layers=1, rank=4, lr=1e-2, steps=1, **_TINY_CACHES),
 }
 
 
