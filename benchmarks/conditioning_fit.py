@@ -165,7 +165,7 @@ def adapt_cases_for(compressor: AdaptCompressor, texts: dict[str, list[str]], se
 def fit_copy(cases: dict[str, AdaptCase], order: int, steps: int = 800, ngram: int = -1) -> dict[str, object]:
     """The copy model's (α, β) for `adapt`, and with an n-gram cache of orders 0..`ngram` (ln β_k,
     a_k, b), minimising the mean log(C_with them / C_without)."""
-    start = (0.0, 1.0) + ((*[0.0] * (ngram + 1), *[-3.0] * (ngram + 1), 0.0) if ngram >= 0 else ())
+    start = (0.0, 1.0) + _ngram_start(ngram)
     values = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in start]
     copy = copies(cases, order)
     counts = ngram_counts_of(cases, ngram) if ngram >= 0 else {}
@@ -182,13 +182,35 @@ def fit_copy(cases: dict[str, AdaptCase], order: int, steps: int = 800, ngram: i
 
 
 def _copy_params(values: list[torch.Tensor], ngram: int) -> SimpleNamespace:
+    return SimpleNamespace(copy_bias=values[0], copy_length=values[1], copy_max=0.9999, **_ngram(values[2:], ngram))
+
+
+def _ngram_start(ngram: int) -> tuple[float, ...]:
+    """The n-gram cache's starting values for orders 0..ngram: ln β_k = 0, a_k = -3, b = 0 (none: ())."""
+    return (*[0.0] * (ngram + 1), *[-3.0] * (ngram + 1), 0.0) if ngram >= 0 else ()
+
+
+def _ngram(values: list[torch.Tensor], ngram: int) -> dict[str, object]:
+    """The n-gram cache's parameters from the values `_ngram_start` began (none: an empty cache)."""
     m = ngram + 1
-    rest = values[2:]
-    return SimpleNamespace(
-        copy_bias=values[0], copy_length=values[1], copy_max=0.9999,
-        ngram_smoothing=[torch.exp(v) for v in rest[:m]], ngram_bias=torch.stack(rest[m : 2 * m]) if m else (),
-        ngram_count=rest[2 * m] if m else 0.0, ngram_max=0.9999,
-    )  # fmt: skip
+    if not m:
+        return {"ngram_smoothing": [], "ngram_bias": (), "ngram_count": 0.0, "ngram_max": 0.9999}
+    return {
+        "ngram_smoothing": [torch.exp(v) for v in values[:m]],
+        "ngram_bias": torch.stack(values[m : 2 * m]),
+        "ngram_count": values[2 * m],
+        "ngram_max": 0.9999,
+    }
+
+
+def _ngram_text(p: SimpleNamespace, ngram: int) -> str:
+    """The fitted n-gram parameters as the models/conditioning.py arguments ('' without a cache)."""
+    if ngram < 0:
+        return ""
+    return (
+        f", ngram_smoothing={tuple(round(float(v), 3) for v in p.ngram_smoothing)}, "
+        f"ngram_bias={tuple(round(float(v), 3) for v in p.ngram_bias)}, ngram_count={float(p.ngram_count):.3g}"
+    )
 
 
 def with_copy(case: AdaptCase, params: object, copy: tuple, counts: tuple | None = None) -> torch.Tensor:
@@ -232,7 +254,7 @@ def fit(cases: dict[str, Case], k: int, order: int = 0, steps: int = 800, ngram:
     """(a, b, c, T), with a copy model of `order` tokens (α, β), and with an n-gram cache of
     orders 0..`ngram` (ln β_k, a_k, b), minimising the mean log ratio."""
     start = (3.0, -1.0, 0.5, math.log(5.0)) + ((0.0, 1.0) if order else ())
-    start += (*[0.0] * (ngram + 1), *[-3.0] * (ngram + 1), 0.0) if ngram >= 0 else ()
+    start += _ngram_start(ngram)
     values = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in start]
     copy = copies(cases, order) if order else {}
     counts = ngram_counts_of(cases, ngram) if ngram >= 0 else {}
@@ -253,13 +275,10 @@ def fit(cases: dict[str, Case], k: int, order: int = 0, steps: int = 800, ngram:
 def _params(values: list[torch.Tensor], k: int, order: int, ngram: int = -1) -> SimpleNamespace:
     a, b, c, log_t = values[:4]
     alpha, beta = values[4:6] if order else (0.0, 0.0)
-    rest = values[6:] if order else values[4:]
-    m = ngram + 1
     return SimpleNamespace(
         bias=a, distance=b, run=c, temperature=torch.exp(log_t), max_weight=0.9999, k=k,
         order=order, copy_bias=alpha, copy_length=beta, copy_max=0.9999,
-        ngram_smoothing=[torch.exp(v) for v in rest[:m]], ngram_bias=torch.stack(rest[m : 2 * m]) if m else (),
-        ngram_count=rest[2 * m] if m else 0.0, ngram_max=0.9999,
+        **_ngram(values[6:] if order else values[4:], ngram),
     )  # fmt: skip
 
 
@@ -306,12 +325,7 @@ def main() -> int:
             results[(order, ngram)] = r = fit(cases, k, order, ngram=ngram)
             p = r["params"]
             copy = f", order={order}, copy_bias={p.copy_bias:.3g}, copy_length={p.copy_length:.3g}" if order else ""
-            grams = (
-                f", ngram_smoothing={tuple(round(float(v), 3) for v in p.ngram_smoothing)}, "
-                f"ngram_bias={tuple(round(float(v), 3) for v in p.ngram_bias)}, ngram_count={float(p.ngram_count):.3g}"
-                if ngram >= 0
-                else ""
-            )
+            grams = _ngram_text(p, ngram)
             print(
                 f"MemoryParams(k={k}, temperature={p.temperature:.3g}, bias={p.bias:.3g}, "
                 f"distance={p.distance:.3g}, run={p.run:.3g}{copy}{grams})   mean log ratio {r['loss']:.4f}",
@@ -347,12 +361,7 @@ def main_adapt(args: argparse.Namespace, started: float) -> int:
         for ngram in (int(g) for g in args.ngram.split(",")):
             results[(order, ngram)] = r = fit_copy(cases, order, ngram=ngram)
             p = r["params"]
-            grams = (
-                f", ngram_smoothing={tuple(round(float(v), 3) for v in p.ngram_smoothing)}, "
-                f"ngram_bias={tuple(round(float(v), 3) for v in p.ngram_bias)}, ngram_count={float(p.ngram_count):.3g}"
-                if ngram >= 0
-                else ""
-            )
+            grams = _ngram_text(p, ngram)
             print(f"order={order}, copy_bias={p.copy_bias:.3g}, copy_length={p.copy_length:.3g}{grams}   "
                   f"mean log ratio {r['loss']:.4f}", flush=True)  # fmt: skip
     key = min(results, key=lambda o: results[o]["loss"])
