@@ -55,8 +55,11 @@ class Settings(BaseSettings):
     header_timeout_s: float = 10.0  # the request line and headers, from the connection or the request's first byte
     body_timeout_s: float = 60.0  # the whole body, from the end of the headers
     max_header_bytes: int = 64 * 1024  # request line and headers together
-    max_record_bytes: int = 1024 * 1024
     max_dataset_bytes: int = 4 * 1024 * 1024
+    # A record may be as large as a dataset: `codelen score corpus.txt test.txt` sends each file as
+    # one record, and a 4 MiB X must work. Tokenizing is linear in a record's size (~1.5 s a MiB of
+    # one unbroken word on the CPU), so one large record costs what many small ones of its size do.
+    max_record_bytes: int = 4 * 1024 * 1024
     max_records: int = 10_000
     max_pairs: int = 10_000
     max_matrix_datasets: int = 500

@@ -80,6 +80,18 @@ def test_datasets_of_records(http: httpx.Client) -> None:
     assert doc["bytes"]["x"] == len("a b c\n\x1e\nd e f")
 
 
+
+def test_one_text_may_be_as_large_as_a_dataset(http: httpx.Client) -> None:
+    """A corpus sent as one text (what `codelen score corpus.txt test.txt` does) may use the whole
+    dataset limit (4 MiB), not only a record's share of it; past it, 413 naming /x."""
+    limit = 4 * 1024 * 1024
+    big = "word " * (limit // 5) + "w" * (limit % 5)
+    ok = http.post("/v1/score", json={"x": big, "y": "word word", "model": "zstd", "direction": "y_given_x"})
+    assert ok.status_code == 200, ok.text[:300]
+    assert ok.json()["bytes"]["x"] == limit
+    over = http.post("/v1/score", json={"x": big + "w", "y": "word", "model": "zstd"})
+    assert over.status_code == 413 and over.headers["content-type"] == "application/problem+json"
+    assert over.json()["pointer"] == "/x" and f"{limit + 1} bytes; at most {limit}" in over.json()["detail"]
 def test_pairs_job_progress_results_ndjson(http: httpx.Client) -> None:
     pairs = [{"id": f"p{i}", "x": f"{X} {i}", "y": f"{Z} {i % 7}"} for i in range(200)]
     r = http.post("/v1/jobs", json={"model": "zstd", "pairs": pairs})
