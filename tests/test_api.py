@@ -80,7 +80,6 @@ def test_datasets_of_records(http: httpx.Client) -> None:
     assert doc["bytes"]["x"] == len("a b c\n\x1e\nd e f")
 
 
-
 def test_one_text_may_be_as_large_as_a_dataset(http: httpx.Client) -> None:
     """A corpus sent as one text (what `codelen score corpus.txt test.txt` does) may use the whole
     dataset limit (4 MiB), not only a record's share of it; past it, 413 naming /x."""
@@ -92,6 +91,8 @@ def test_one_text_may_be_as_large_as_a_dataset(http: httpx.Client) -> None:
     over = http.post("/v1/score", json={"x": big + "w", "y": "word", "model": "zstd"})
     assert over.status_code == 413 and over.headers["content-type"] == "application/problem+json"
     assert over.json()["pointer"] == "/x" and f"{limit + 1} bytes; at most {limit}" in over.json()["detail"]
+
+
 def test_pairs_job_progress_results_ndjson(http: httpx.Client) -> None:
     pairs = [{"id": f"p{i}", "x": f"{X} {i}", "y": f"{Z} {i % 7}"} for i in range(200)]
     r = http.post("/v1/jobs", json={"model": "zstd", "pairs": pairs})
