@@ -120,6 +120,7 @@ def format_scores(s: ScoreResult) -> str:
         ("C(X), C(Y)", f"{cl['x']:,.1f}   {cl['y']:,.1f} bits   ({bpb['x']:.3f}, {bpb['y']:.3f} bits/byte)"),
         ("C(XY), C(YX)", f"{cl['xy']:,.1f}   {_bits(cl['yx'])}"),
         ("C(Y|X), C(X|Y)", f"{cond['y_given_x']:,.1f}   {_bits(cond['x_given_y'])}"),
+        ("/C(Y), /C(X)", f"{_ratio(cond['y_given_x'], cl['y'])}   {_ratio(cond['x_given_y'], cl['x'])}"),
         ("shared info", f"{s['shared_information']:,.1f} bits"),
         ("NCD", f"{s['ncd']:.4f}"),
         ("window", policy),
@@ -131,6 +132,11 @@ def format_scores(s: ScoreResult) -> str:
 
 def _bits(value: float | None) -> str:
     return "(not computed)" if value is None else f"{value:,.1f} bits"
+
+
+def _ratio(conditional: float | None, alone: float) -> str:
+    """What is left of a code length once the other dataset is known (0: all of it is shared)."""
+    return "(not computed)" if conditional is None else f"{conditional / alone:.4f}"
 
 
 def score(args: argparse.Namespace) -> int:

@@ -183,6 +183,23 @@ def test_score_follows_a_202_to_its_job(tmp_path: Path, capsys: pytest.CaptureFi
         assert "NCD" in text and "shared info" in text and "gzip" in text
 
 
+def test_score_prints_what_is_left_of_each_code_length() -> None:
+    from client.cli import format_scores
+
+    doc = {
+        "model": {"id": "m", "revision": "r" * 64}, "bytes": {"x": 100, "y": 50},
+        "code_lengths": {"x": 800.0, "y": 400.0, "xy": 900.0, "yx": None},
+        "conditional": {"y_given_x": 100.0, "x_given_y": None},
+        "shared_information": 300.0, "ncd": 0.625, "bits_per_byte": {"x": 8.0, "y": 8.0},
+        "window": {"policy": "whole"}, "conditioning": {"mode": "memory"}, "cached": False,
+    }  # fmt: skip
+    row = next(line for line in format_scores(doc).splitlines() if line.startswith("/C(Y), /C(X)"))  # type: ignore[arg-type]
+    assert row.split()[2:] == ["0.2500", "(not", "computed)"]
+    doc["conditional"] = {"y_given_x": 100.0, "x_given_y": 600.0}
+    row = next(line for line in format_scores(doc).splitlines() if line.startswith("/C(Y), /C(X)"))  # type: ignore[arg-type]
+    assert row.split()[2:] == ["0.2500", "0.7500"]
+
+
 # -- codelen submit -------------------------------------------------------------------------
 
 
