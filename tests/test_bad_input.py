@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-BIG = "a" * (1024 * 1024 + 1)  # one byte over the default record limit
+BIG = "a" * (4 * 1024 * 1024 + 1)  # one byte over the default record (and dataset) limit
 
 BAD_JSON_BODIES: list[tuple[str, object]] = [
     ("not an object", [1, 2, 3]),
