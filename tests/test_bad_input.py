@@ -7,7 +7,9 @@ import json
 import httpx
 import pytest
 
-BIG = "a" * (4 * 1024 * 1024 + 1)  # one byte over the default record (and dataset) limit
+from codelen.settings import Settings
+
+BIG = "a" * (Settings.model_fields["max_record_bytes"].default + 1)  # one byte over the default record limit
 
 BAD_JSON_BODIES: list[tuple[str, object]] = [
     ("not an object", [1, 2, 3]),
